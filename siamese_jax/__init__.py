@@ -1,0 +1,3 @@
+"""siamese-jax: Siamese and metric-learning training in JAX/Flax."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,33 @@
+"""Test session setup: 4 fake CPU devices, the fast XLA CPU path, and where real Omniglot lives."""
+
+import os
+import pathlib
+
+# Must happen before JAX initialises its backend (first JAX op), so it lives at import time here.
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 4)
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def find_omniglot_dir() -> pathlib.Path | None:
+  """OMNIGLOT_DIR if set, else ../shared/data/omniglot beside the checkout (CI layout)."""
+  candidates = [os.environ.get("OMNIGLOT_DIR"), REPO.parent / "shared" / "data" / "omniglot"]
+  for candidate in candidates:
+    if candidate and (pathlib.Path(candidate) / "images_background.zip").exists():
+      return pathlib.Path(candidate)
+  return None
+
+
+@pytest.fixture(scope="session")
+def omniglot_dir() -> pathlib.Path:
+  path = find_omniglot_dir()
+  if path is None:
+    if os.environ.get("CI"):
+      pytest.fail("Omniglot not found: set OMNIGLOT_DIR or put it at ../shared/data/omniglot")
+    pytest.skip("Omniglot not found (set OMNIGLOT_DIR)")
+  return path

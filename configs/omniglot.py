@@ -1,0 +1,118 @@
+r"""Omniglot, fast default for CPU: 4-block conv embedding at 28x28, prototype loss on m-per-class batches.
+
+Command (the README's main job):
+  OMNIGLOT_DIR=../shared/data/omniglot python launch.py --config=configs/omniglot.py --workdir=runs/omniglot
+Expected (2 CPU cores): see the README's results table (time and 20-way within-alphabet accuracy).
+`:smoke` shrinks everything to seconds for tests and CI:
+  python launch.py --config=configs/omniglot.py:smoke --workdir=/tmp/smoke
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # one seed for initialisation, batches, augmentation and evaluation episodes
+
+  config.data = ml_collections.ConfigDict()
+  config.data.source = "omniglot"  # omniglot | tfds | folder
+  config.data.data_dir = ""  # Omniglot zips or folders; "" = $OMNIGLOT_DIR, else ~/.cache/siamese_jax/omniglot
+  config.data.download = True  # fetch the official zips (checksummed) when absent from data_dir
+  config.data.image_size = 28  # images are resized to image_size x image_size
+  config.data.channels = 1  # 1 = grayscale, 3 = RGB
+  config.data.in_memory = True  # decode once into RAM; False decodes on each access (data larger than memory)
+  config.data.cache_dir = ""  # "" = no on-disk cache of decoded arrays; else a directory for it
+  config.data.validation = "alphabets"  # alphabets | drawers | none: held out of the 30 background alphabets
+  config.data.num_validation_alphabets = 5  # with validation=alphabets
+  config.data.validation_drawers = (13, 14, 15, 16, 17, 18, 19, 20)  # with validation=drawers
+  config.data.num_workers = 0  # Grain worker processes building batches (0 = in the training process)
+  # folder / tfds sources only:
+  config.data.path = ""  # folder root (one sub-folder per class, or group/class)
+  config.data.layout = "auto"  # flat | grouped | auto
+  config.data.test_fraction = 0.2  # folders: fraction of classes held out for testing (seeded)
+  config.data.validation_fraction = 0.1  # folders: fraction of classes held out for validation
+  config.data.tfds_name = ""  # tfds: dataset name, e.g. omniglot
+  config.data.tfds_train_split = "train"  # tfds: split to train on
+  config.data.tfds_test_split = "test"  # tfds: split to test on
+  config.data.tfds_group_key = ""  # tfds: feature holding the group (e.g. alphabet), "" = none
+
+  config.sampling = ml_collections.ConfigDict()
+  config.sampling.kind = "m_per_class"  # pairs | triplets | m_per_class (must suit the loss)
+  config.sampling.batch_size = 240  # global batch: examples (pairs, triplets or images) per step
+  config.sampling.m_per_class = 5  # m_per_class: images per class in a batch
+  config.sampling.same_group_negative_probability = 0.0  # pairs/triplets: negatives from the same alphabet
+
+  config.augment = ml_collections.ConfigDict()
+  config.augment.enabled = True  # Koch et al. affine distortions, on device inside the step
+  config.augment.probability = 0.5  # each part (rotation, shear, scale, translation) applied with this
+  config.augment.rotation_deg = 10.0  # rotation within +-this
+  config.augment.shear = 0.3  # shear within +-this
+  config.augment.scale_min = 0.8  # scale range
+  config.augment.scale_max = 1.2
+  config.augment.translate_px = 1.0  # translation within +-this many pixels (2 px at 105x105 ~ 0.5 px at 28)
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "conv4"  # koch | conv4 | resnet
+  config.model.width = 64  # channels of each conv block
+  config.model.embedding_dim = 0  # 0 = the flattened conv features (64 at 28x28)
+  config.model.l2_normalize = False  # unit-length embeddings
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.name = "prototypical"  # koch_bce | contrastive | triplet | prototypical
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.name = "adam"  # sgd | adam | adamw
+  config.optim.learning_rate = 1e-3  # peak learning rate
+  config.optim.momentum = 0.9  # sgd only
+  config.optim.nesterov = False  # sgd only
+  config.optim.weight_decay = 0.0  # L2 (sgd/adam) or decoupled (adamw)
+  config.optim.schedule = "cosine"  # constant | piecewise | cosine | exponential
+  config.optim.warmup_steps = 100  # linear warm-up from 0
+  config.optim.boundaries_epochs = ()  # piecewise: epochs at which lr is multiplied by decay_factor
+  config.optim.decay_factor = 0.1  # piecewise
+  config.optim.decay_per_epoch = 0.99  # exponential: Koch et al.'s 1 % per epoch
+  config.optim.total_steps = -1  # cosine decay length; -1 = train.num_steps
+  config.optim.scale_lr_by_batch = False  # lr * global_batch / base_batch_size
+  config.optim.base_batch_size = 256
+  config.optim.clip_grad_norm = 0.0  # 0 = no clipping
+
+  config.parallel = ml_collections.ConfigDict()
+  config.parallel.strategy = "shard_map"  # shard_map | pmap: same per-device code
+  config.parallel.num_devices = 0  # 0 = all devices
+
+  config.train = ml_collections.ConfigDict()
+  config.train.num_steps = 4000  # optimizer steps
+  config.train.steps_per_epoch = 100  # defines an "epoch" for exponential / piecewise schedules
+  config.train.log_every = 50  # fetch metrics from the device every N steps (no per-step host sync)
+  config.train.checkpoint_every = 500  # async Orbax save every N steps (and always at the end)
+  config.train.max_checkpoints = 2  # keep the last N, plus the best by validation accuracy
+  config.train.eval_every = 500  # validation one-shot accuracy every N steps (0 = never)
+  config.train.early_stopping_patience = 0  # stop after N validations without improvement (0 = never)
+  config.train.time_limit_minutes = 0.0  # stop (and checkpoint) after this much training time; 0 = none
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.validation_ways = 20  # validation: N-way 1-shot within-alphabet episodes
+  config.eval.validation_episodes = 300  # Koch et al. used 320 validation trials
+  config.eval.test_ways = (5, 20)  # final report on the evaluation alphabets
+  config.eval.test_shots = (1, 5)
+  config.eval.test_episodes = 1000
+  config.eval.queries_per_class = 1  # query images per class in an episode
+  config.eval.batch_size = 1024  # images embedded per call
+  config.eval.lake_runs = True  # also score Lake's 20 official runs (all_runs.zip in data_dir)
+
+  if arg == "smoke":
+    config.sampling.batch_size = 40
+    config.sampling.m_per_class = 4
+    config.data.num_validation_alphabets = 2
+    config.train.num_steps = 12
+    config.train.log_every = 4
+    config.train.checkpoint_every = 6
+    config.train.eval_every = 6
+    config.optim.warmup_steps = 2
+    config.eval.validation_episodes = 20
+    config.eval.test_ways = (5,)
+    config.eval.test_shots = (1,)
+    config.eval.test_episodes = 50
+  elif arg:
+    raise ValueError(f"unknown config variant '{arg}' (known: smoke)")
+  return config

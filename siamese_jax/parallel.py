@@ -1,0 +1,93 @@
+"""Data parallelism over a 1-D device mesh with axis "data": `shard_map` (default) or `pmap`.
+
+Both strategies run the same per-device function, written with collectives over `AXIS`:
+parameters are replicated, the batch is split along its first axis, and the step itself all-gathers
+embeddings (so in-batch losses see the global batch) and sums gradients. One device is simply a mesh
+of size one, so there is a single code path for 1, N devices and N processes.
+
+`shard_map` keeps the state as ordinary replicated `jax.Array`s; `pmap` keeps it stacked with a
+leading device axis. `DataParallel` hides that difference: `put_state`/`get_state` convert between
+the canonical (unstacked) train state and the strategy's layout, `put_batch` assembles the global
+batch from this process's rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from siamese_jax.errors import UserError
+
+AXIS = "data"
+STRATEGIES = ("shard_map", "pmap")
+
+
+class DataParallel:
+  """Wraps a per-device step for one strategy; holds the mesh and the layouts."""
+
+  def __init__(self, strategy: str = "shard_map", num_devices: int | None = None):
+    if strategy not in STRATEGIES:
+      raise UserError(f"parallel.strategy='{strategy}' is not one of {STRATEGIES}.")
+    devices = jax.devices()
+    if num_devices:
+      if num_devices > len(devices):
+        raise UserError(f"parallel.num_devices={num_devices} but only {len(devices)} devices exist.")
+      devices = devices[:num_devices]
+    self.strategy = strategy
+    self.devices = devices
+    # Auto axis types: shard_map inside jit then accepts inputs laid out by device_put (see GUIDE 4).
+    self.mesh = jax.sharding.Mesh(np.array(devices), (AXIS,),
+                                  axis_types=(jax.sharding.AxisType.Auto,))
+    self.replicated = NamedSharding(self.mesh, P())
+    self.batch_sharding = NamedSharding(self.mesh, P(AXIS))
+    self.local_devices = [d for d in devices if d.process_index == jax.process_index()]
+
+  @property
+  def num_devices(self) -> int:
+    return len(self.devices)
+
+  def check_batch_size(self, global_batch_size: int, what: str = "sampling.batch_size") -> None:
+    if global_batch_size % self.num_devices:
+      raise UserError(f"{what}={global_batch_size} is not divisible by the number of devices "
+                      f"({self.num_devices}); choose a multiple of {self.num_devices}.")
+
+  def wrap_step(self, per_device_step: Callable, donate: bool = True) -> Callable:
+    """(state, batch) -> (state, metrics), compiled for this strategy, with the state donated."""
+    donate_argnums = (0,) if donate else ()
+    if self.strategy == "pmap":
+      return jax.pmap(per_device_step, axis_name=AXIS, devices=self.devices, donate_argnums=donate_argnums)
+    # check_vma=False gives pmap's semantics: gradients of replicated parameters stay per-device, and the
+    # step sums them itself (with vma checking on, JAX would already sum them and the psum would double).
+    mapped = jax.shard_map(per_device_step, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()),
+                           check_vma=False)
+    return jax.jit(mapped, donate_argnums=donate_argnums)
+
+  def put_state(self, state: Any) -> Any:
+    if self.strategy == "pmap":
+      # pmap wants one copy per device along a leading axis; each process provides its local copies.
+      num_local = len(self.local_devices)
+      return jax.tree.map(
+          lambda x: jax.make_array_from_process_local_data(
+              self.batch_sharding, np.broadcast_to(np.asarray(x), (num_local,) + np.shape(x))), state)
+    return jax.device_put(state, self.replicated)
+
+  def get_state(self, state: Any) -> Any:
+    """The canonical train state (no device axis), e.g. to checkpoint or evaluate."""
+    if self.strategy == "pmap":
+      return jax.tree.map(lambda x: x[0], state)
+    return state
+
+  def put_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """This process's rows -> the global batch laid out for the step."""
+    if self.strategy == "pmap":
+      num_local = len(self.local_devices)
+      local_batch = jax.tree.map(lambda x: x.reshape((num_local, -1) + x.shape[1:]), local_batch)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x), local_batch)
+
+  def unreplicate_metrics(self, metrics: Any) -> Any:
+    """Metrics are identical on every device; pmap returns one copy per device."""
+    return jax.tree.map(lambda x: x[0], metrics) if self.strategy == "pmap" else metrics
+

@@ -144,3 +144,18 @@ def one_shot_report(embeddings: np.ndarray, labels: np.ndarray, class_groups: np
         mean, ci95 = mean_and_ci95(episode_accuracies(embeddings, episodes))
         report.setdefault(mode, {})[key] = {"mean": mean, "ci95": ci95, "episodes": num_episodes}
   return report
+
+
+def lake_runs_accuracy(embed_fn: Callable, variables, runs) -> dict:
+  """Lake et al.'s 20-way one-shot benchmark: each test item goes to its nearest training image.
+
+  `runs`: items with `training` [20,H,W,C], `test` [20,H,W,C] uint8 and `answers` [20] (the index of
+  the right training image of each test item). Returns overall accuracy (0-1) and the 20 per-run ones.
+  """
+  per_run = []
+  for run in runs:
+    embeddings = embed_images(embed_fn, variables, np.concatenate([run.training, run.test]))
+    training, test = embeddings[: len(run.training)], embeddings[len(run.training):]
+    distances = ((test[:, None, :] - training[None, :, :]) ** 2).sum(-1)
+    per_run.append(float(np.mean(distances.argmin(axis=1) == np.asarray(run.answers))))
+  return {"accuracy": float(np.mean(per_run)), "per_run": per_run}

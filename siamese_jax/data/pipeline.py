@@ -8,6 +8,7 @@ build batches ahead while the device trains.
 from __future__ import annotations
 
 import collections
+import functools
 import dataclasses
 from typing import Any, Callable, Iterator
 
@@ -84,3 +85,61 @@ def prefetch_to_device(iterator, put: Callable[[dict], Any], size: int = 2) -> I
       enqueue()
     except StopIteration:
       pass
+
+
+@dataclasses.dataclass
+class Splits:
+  """Train classes, validation classes (model selection), test classes (the final report)."""
+
+  train: Any
+  validation: Any
+  test: Any
+  lake_runs: list = dataclasses.field(default_factory=list)  # Omniglot only: Lake's 20 official runs
+
+
+def load_splits(data_config, seed: int) -> Splits:
+  """Builds the splits named by `data_config.source`; test classes are never trained on.
+
+  omniglot: train/validation from the 30 background alphabets (held-out alphabets or drawers), test =
+  the 20 evaluation alphabets, plus Lake's runs when all_runs.zip is present. folder / tfds: classes
+  are split by a seeded draw.
+  """
+  from siamese_jax.data import omniglot, sources  # heavy imports (PIL, TFDS) only when loading data
+
+  size, channels = data_config.image_size, data_config.channels
+  image_shape = (size, size, channels)
+  common = dict(image_shape=image_shape, in_memory=data_config.in_memory,
+                cache_dir=data_config.cache_dir or None)
+  if data_config.source == "omniglot":
+    data_dir = omniglot.resolve_data_dir(data_config.data_dir or None)
+    load = functools.partial(omniglot.omniglot_source, data_dir=data_dir, download=data_config.download,
+                             **common)
+    train, validation = omniglot.split_background(
+        load("background"), validation=data_config.validation,
+        num_validation_alphabets=data_config.num_validation_alphabets,
+        validation_drawers=tuple(data_config.validation_drawers), seed=seed)
+    lake_zip = data_dir / "all_runs.zip"
+    lake_runs = omniglot.load_lake_runs(lake_zip, image_shape) if lake_zip.exists() else []
+    return Splits(train, validation, load("evaluation"), lake_runs)
+  if data_config.source == "folder":
+    if not data_config.path:
+      raise UserError("data.path must name the image folder when data.source='folder'.")
+    everything = sources.image_folder_source(data_config.path, layout=data_config.layout, **common)
+    rest, test = sources.split_classes(everything, data_config.test_fraction, seed=seed)
+    validation_share = data_config.validation_fraction / max(1e-9, 1 - data_config.test_fraction)
+    train, validation = sources.split_classes(rest, validation_share, seed=seed + 1)
+    return Splits(train, validation, test)
+  if data_config.source == "tfds":
+    load = functools.partial(sources.tfds_source, data_config.tfds_name, data_dir=data_config.data_dir or None,
+                             group_key=data_config.tfds_group_key or None, **common)
+    train, validation = sources.split_classes(load(data_config.tfds_train_split),
+                                              data_config.validation_fraction, seed=seed)
+    return Splits(train, validation, load(data_config.tfds_test_split))
+  raise UserError(f"data.source='{data_config.source}' is not one of ('omniglot', 'folder', 'tfds').")
+
+
+def all_images(source) -> np.ndarray:
+  """Every record's image, uint8 [N,H,W,C] (evaluation embeds each image once)."""
+  if getattr(source, "images", None) is not None:
+    return source.images
+  return gather_images(source, np.arange(len(source)))

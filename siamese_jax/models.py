@@ -1,0 +1,373 @@
+"""Embedding networks (Flax NNX) and the `embed_fn` that evaluation and export see.
+
+Every model maps float32 images [N, H, W, C] in [0, 1] to `(embeddings [N, D], aux)`; `aux` holds
+cheap extras for metrics (`embedding_norm` [N]: the length before any L2 normalisation, which shows
+collapse or blow-up early). The registry is a plain dict chosen by `config.model.name`.
+
+BatchNorm and modes. Every BatchNorm is built with `axis_name="data"` (the data-parallel mesh axis,
+`parallel.AXIS`): in train mode its batch statistics are averaged over all devices, so 1 device and
+N devices compute the same thing. The flip side: train mode only runs where an axis "data" is bound
+(inside the `shard_map`/`pmap` step, or `jax.vmap(..., axis_name="data")`). Models are therefore
+*created in eval mode* (running averages), and the train step switches its merged copy with
+`model.train()`. `embed_fn` always runs in eval mode.
+
+The functional pattern the train step uses (and the tests check):
+
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  # inside jit / shard_map:
+  model = nnx.merge(graphdef, params, rest, copy=True); model.train()
+  embeddings, aux = model(images)
+  new_rest = nnx.state(model, nnx.Not(nnx.Param))   # updated BatchStat
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from siamese_jax import augment
+from siamese_jax.errors import UserError
+
+# The mesh axis name of the data-parallel step (`parallel.AXIS`); BatchNorm averages statistics over it.
+# Spelled out here rather than imported so that models stay a leaf module.
+BATCH_AXIS = "data"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+def _l2_normalize(embeddings: jax.Array) -> jax.Array:
+  # rsqrt of a floored squared norm: unit length, and a finite gradient even for an all-zero vector.
+  return embeddings * jax.lax.rsqrt(jnp.maximum(jnp.sum(embeddings**2, axis=-1, keepdims=True), 1e-12))
+
+
+def _finish(embeddings: jax.Array, l2_normalize: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+  aux = {"embedding_norm": jnp.linalg.norm(embeddings, axis=-1)}
+  if l2_normalize:
+    embeddings = _l2_normalize(embeddings)
+  return embeddings, aux
+
+
+def _batch_norm(num_features: int, momentum: float, rngs: nnx.Rngs) -> nnx.BatchNorm:
+  return nnx.BatchNorm(
+    num_features, momentum=momentum, axis_name=BATCH_AXIS, use_running_average=True, rngs=rngs
+  )
+
+
+def _max_pool_2(x: jax.Array) -> jax.Array:
+  # Floor division of odd sizes (7 -> 3), as in the ProtoNet and Koch papers.
+  return nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+
+
+def _require_int(name: str, value: Any, minimum: int) -> int:
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise UserError(f"model.{name}: expected an integer >= {minimum}, got {value!r}")
+  return value
+
+
+# ----------------------------------------------------------------------------------------------------
+# koch: Koch, Zemel & Salakhutdinov (2015), "Siamese Neural Networks for One-shot Image Recognition"
+
+
+class KochNet(nnx.Module):
+  """The Koch et al. convolutional twin: VALID convs with ReLU, max-pools, a sigmoid dense layer.
+
+  `pair_logits` is the paper's head: one dense unit on |e1 - e2| (a learned weighted L1 distance),
+  returned as a logit (the loss applies the sigmoid).
+  """
+
+  # (output channels, kernel size, max-pool after) of each conv layer, from the paper's Figure 4.
+  CONVS = ((64, 10, True), (128, 7, True), (128, 4, True), (256, 4, False))
+
+  @staticmethod
+  def default_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.name = "koch"  # Koch et al. 2015 twin network (105x105 in the paper)
+    config.embedding_dim = 4096  # units of the sigmoid dense layer, the embedding
+    config.l2_normalize = False  # scale embeddings to unit length (the paper does not)
+    return config
+
+  @classmethod
+  def conv_output_size(cls, height: int, width: int) -> tuple[int, int]:
+    """Spatial size after the conv stack; <= 0 means the image is too small."""
+    for _, kernel, pool in cls.CONVS:
+      height, width = height - kernel + 1, width - kernel + 1
+      if pool:
+        height, width = height // 2, width // 2
+    return height, width
+
+  def __init__(self, config: ml_collections.ConfigDict, *, image_shape: tuple[int, int, int], rngs: nnx.Rngs):
+    height, width, channels = image_shape
+    out_height, out_width = self.conv_output_size(height, width)
+    if out_height < 1 or out_width < 1:
+      smallest = next(s for s in range(1, 1000) if min(self.conv_output_size(s, s)) >= 1)
+      raise UserError(
+        f"model.name='koch' needs images of at least {smallest}x{smallest} (VALID convolutions), "
+        f"got {height}x{width}; raise data.image_size or choose model.name='conv4'"
+      )
+    self.l2_normalize = bool(config.l2_normalize)
+    convs = []
+    in_channels = channels
+    for out_channels, kernel, _ in self.CONVS:
+      convs.append(nnx.Conv(in_channels, out_channels, (kernel, kernel), padding="VALID", rngs=rngs))
+      in_channels = out_channels
+    self.convs = nnx.List(convs)
+    self.dense = nnx.Linear(out_height * out_width * in_channels, config.embedding_dim, rngs=rngs)
+    self.head = nnx.Linear(config.embedding_dim, 1, rngs=rngs)
+
+  def __call__(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    x = augment.to_float(images)
+    for conv, (_, _, pool) in zip(self.convs, self.CONVS):
+      x = nnx.relu(conv(x))
+      if pool:
+        x = _max_pool_2(x)
+    x = x.reshape((x.shape[0], -1))
+    return _finish(nnx.sigmoid(self.dense(x)), self.l2_normalize)
+
+  def pair_logits(self, embeddings1: jax.Array, embeddings2: jax.Array) -> jax.Array:
+    """[B, D], [B, D] -> [B] logits that the two images show the same class."""
+    return self.head(jnp.abs(embeddings1 - embeddings2))[..., 0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# conv4: the Prototypical Networks backbone (Snell et al. 2017; Vinyals et al. 2016)
+
+
+class Conv4(nnx.Module):
+  """4 x [conv 3x3 SAME, BatchNorm, ReLU, max-pool 2], flattened (64 features at 28x28)."""
+
+  @staticmethod
+  def default_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.name = "conv4"  # ProtoNet 4-block conv embedding
+    config.width = 64  # channels of each conv block
+    config.embedding_dim = 0  # 0 = the flattened conv features are the embedding; > 0 adds a linear layer
+    config.l2_normalize = False  # scale embeddings to unit length
+    config.batch_norm_momentum = 0.9  # running-statistics decay (PyTorch's momentum 0.1, as in ProtoNet)
+    return config
+
+  def __init__(self, config: ml_collections.ConfigDict, *, image_shape: tuple[int, int, int], rngs: nnx.Rngs):
+    height, width, channels = image_shape
+    num_blocks = 4
+    if min(height, width) < 2**num_blocks:
+      raise UserError(
+        f"model.name='conv4' needs images of at least {2**num_blocks}x{2**num_blocks} (four 2x2 max-pools), "
+        f"got {height}x{width}"
+      )
+    block_width = _require_int("width", config.width, 1)
+    self.l2_normalize = bool(config.l2_normalize)
+    convs, norms = [], []
+    in_channels = channels
+    for _ in range(num_blocks):
+      convs.append(nnx.Conv(in_channels, block_width, (3, 3), padding="SAME", rngs=rngs))
+      norms.append(_batch_norm(block_width, config.batch_norm_momentum, rngs))
+      in_channels = block_width
+      height, width = height // 2, width // 2
+    self.convs = nnx.List(convs)
+    self.norms = nnx.List(norms)
+    self.features = height * width * block_width
+    self.projection = (
+      nnx.Linear(self.features, config.embedding_dim, rngs=rngs) if config.embedding_dim > 0 else None
+    )
+
+  def __call__(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    x = augment.to_float(images)
+    for conv, norm in zip(self.convs, self.norms):
+      x = _max_pool_2(nnx.relu(norm(conv(x))))
+    x = x.reshape((x.shape[0], -1))
+    if self.projection is not None:
+      x = self.projection(x)
+    return _finish(x, self.l2_normalize)
+
+
+# ----------------------------------------------------------------------------------------------------
+# resnet: a small ResNet-style embedding (He et al. 2016, basic blocks)
+
+
+class BasicBlock(nnx.Module):
+  """conv3x3-BN-ReLU-conv3x3-BN plus a shortcut (1x1 conv + BN where the shape changes), then ReLU."""
+
+  def __init__(self, in_channels: int, out_channels: int, stride: int, momentum: float, rngs: nnx.Rngs):
+    self.conv1 = nnx.Conv(in_channels, out_channels, (3, 3), strides=stride, padding="SAME", use_bias=False,
+                          rngs=rngs)
+    self.norm1 = _batch_norm(out_channels, momentum, rngs)
+    self.conv2 = nnx.Conv(out_channels, out_channels, (3, 3), padding="SAME", use_bias=False, rngs=rngs)
+    self.norm2 = _batch_norm(out_channels, momentum, rngs)
+    if stride != 1 or in_channels != out_channels:
+      self.shortcut_conv = nnx.Conv(in_channels, out_channels, (1, 1), strides=stride, use_bias=False,
+                                    rngs=rngs)
+      self.shortcut_norm = _batch_norm(out_channels, momentum, rngs)
+    else:
+      self.shortcut_conv = None
+      self.shortcut_norm = None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    residual = nnx.relu(self.norm1(self.conv1(x)))
+    residual = self.norm2(self.conv2(residual))
+    shortcut = x if self.shortcut_conv is None else self.shortcut_norm(self.shortcut_conv(x))
+    return nnx.relu(residual + shortcut)
+
+
+class ResNet(nnx.Module):
+  """Stem conv, len(widths) stages of basic blocks (stride 2 between stages), global average pool, linear."""
+
+  @staticmethod
+  def default_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.name = "resnet"  # small ResNet-style embedding with basic residual blocks
+    config.widths = (64, 128, 256)  # channels of each stage; stages after the first start with stride 2
+    config.blocks_per_stage = 2  # basic residual blocks in every stage
+    config.embedding_dim = 128  # size of the final linear layer, the embedding
+    config.l2_normalize = True  # scale embeddings to unit length (usual for triplet/contrastive losses)
+    config.batch_norm_momentum = 0.9  # running-statistics decay
+    return config
+
+  def __init__(self, config: ml_collections.ConfigDict, *, image_shape: tuple[int, int, int], rngs: nnx.Rngs):
+    widths = tuple(config.widths)
+    if not widths:
+      raise UserError("model.widths: expected at least one stage width, got ()")
+    for stage_width in widths:
+      _require_int("widths", stage_width, 1)
+    blocks_per_stage = _require_int("blocks_per_stage", config.blocks_per_stage, 1)
+    embedding_dim = _require_int("embedding_dim", config.embedding_dim, 1)
+    momentum = config.batch_norm_momentum
+    self.l2_normalize = bool(config.l2_normalize)
+    # A 3x3 stride-1 stem: inputs here are small (28..105 px), so no early 7x7/stride-4 downsampling.
+    self.stem_conv = nnx.Conv(image_shape[2], widths[0], (3, 3), padding="SAME", use_bias=False, rngs=rngs)
+    self.stem_norm = _batch_norm(widths[0], momentum, rngs)
+    blocks = []
+    in_channels = widths[0]
+    for stage, stage_width in enumerate(widths):
+      for block in range(blocks_per_stage):
+        stride = 2 if stage > 0 and block == 0 else 1
+        blocks.append(BasicBlock(in_channels, stage_width, stride, momentum, rngs))
+        in_channels = stage_width
+    self.blocks = nnx.List(blocks)
+    self.projection = nnx.Linear(in_channels, embedding_dim, rngs=rngs)
+
+  def __call__(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    x = augment.to_float(images)
+    x = nnx.relu(self.stem_norm(self.stem_conv(x)))
+    for block in self.blocks:
+      x = block(x)
+    x = jnp.mean(x, axis=(1, 2))
+    return _finish(self.projection(x), self.l2_normalize)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Registry, creation, and the functions evaluation sees
+
+
+MODELS: dict[str, type[nnx.Module]] = {"koch": KochNet, "conv4": Conv4, "resnet": ResNet}
+
+
+def default_config(name: str) -> ml_collections.ConfigDict:
+  """The full config of model `name`, every field with its default."""
+  if name not in MODELS:
+    raise UserError(f"model.name='{name}' is not a known model; choose one of {sorted(MODELS)}")
+  return MODELS[name].default_config()
+
+
+def _resolved_config(model_config: Mapping[str, Any] | ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Defaults of the named model, overridden by the given fields; unknown fields are errors."""
+  given = dict(model_config.items())
+  if "name" not in given:
+    raise UserError(f"model.name is missing; choose one of {sorted(MODELS)}")
+  config = default_config(given["name"])
+  unknown = sorted(set(given) - set(config.keys()))
+  if unknown:
+    raise UserError(
+      f"model: unknown field(s) {unknown} for model.name='{given['name']}'; valid fields are {sorted(config.keys())}"
+    )
+  config.update(given)
+  return config
+
+
+def create(
+  model_config: Mapping[str, Any] | ml_collections.ConfigDict,
+  *,
+  image_shape: tuple[int, int, int],
+  rngs: nnx.Rngs,
+) -> nnx.Module:
+  """Builds the model named by `model_config.name`, in eval mode (see the module docstring).
+
+  Fields missing from `model_config` take the model's defaults (`default_config(name)`).
+  """
+  config = _resolved_config(model_config)
+  image_shape = tuple(image_shape)
+  if len(image_shape) != 3 or not all(isinstance(d, int) and d > 0 for d in image_shape):
+    raise UserError(f"image_shape: expected (height, width, channels) of positive ints, got {image_shape}")
+  minimum_dim = 0 if config.name == "conv4" else 1
+  _require_int("embedding_dim", config.embedding_dim, minimum_dim)
+  return MODELS[config.name](config, image_shape=image_shape, rngs=rngs)
+
+
+def has_pair_head(model: nnx.Module) -> bool:
+  """True for models with a learned pair head (Koch's weighted L1), used by the `koch_bce` loss."""
+  return callable(getattr(model, "pair_logits", None))
+
+
+def parameter_count(model: nnx.Module) -> int:
+  """Trainable parameters (nnx.Param); batch statistics are not counted."""
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def _merge_eval(graphdef: nnx.GraphDef, variables: Any) -> nnx.Module:
+  # copy=True gives the traced function its own Variables (the GUIDE's fix for the trace-context error
+  # with BatchNorm); eval() then freezes batch statistics, so nothing needs to be written back.
+  states = tuple(variables) if isinstance(variables, (tuple, list)) else (variables,)
+  model = nnx.merge(graphdef, *states, copy=True)
+  model.eval()
+  return model
+
+
+def make_embed_fn(graphdef: nnx.GraphDef) -> Callable[[Any, jax.Array], jax.Array]:
+  """`embed_fn(variables, images_uint8 [N, H, W, C]) -> float32 [N, D]`, pure and jit-able.
+
+  `variables` is the model's full nnx.State (`nnx.split(model)[1]`), or the tuple of states that
+  `nnx.split(model, nnx.Param, ...)` returned, e.g. `(state.params, state.model_state)`.
+  Runs in eval mode: batch statistics are read, never updated, and no mesh axis is needed.
+  """
+
+  def embed_fn(variables: Any, images: jax.Array) -> jax.Array:
+    model = _merge_eval(graphdef, variables)
+    embeddings, _ = model(augment.to_float(images))
+    return embeddings.astype(jnp.float32)
+
+  return embed_fn
+
+
+def make_pair_logits_fn(graphdef: nnx.GraphDef) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
+  """`pair_logits_fn(variables, e1 [B, D], e2 [B, D]) -> [B]` for models with a pair head (koch)."""
+
+  def pair_logits_fn(variables: Any, embeddings1: jax.Array, embeddings2: jax.Array) -> jax.Array:
+    model = _merge_eval(graphdef, variables)
+    if not has_pair_head(model):
+      raise UserError(
+        f"model {type(model).__name__} has no pair head; pair logits need model.name='koch' "
+        f"(models with one: {sorted(n for n, cls in MODELS.items() if hasattr(cls, 'pair_logits'))})"
+      )
+    return model.pair_logits(embeddings1, embeddings2)
+
+  return pair_logits_fn
+
+
+__all__ = [
+  "BATCH_AXIS",
+  "MODELS",
+  "BasicBlock",
+  "Conv4",
+  "KochNet",
+  "ResNet",
+  "create",
+  "default_config",
+  "has_pair_head",
+  "make_embed_fn",
+  "make_pair_logits_fn",
+  "parameter_count",
+]

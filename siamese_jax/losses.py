@@ -386,3 +386,25 @@ def batch_kind(name: str, options: Mapping[str, Any] | None = None) -> str:
     mining = options.get("mining", loss_option_defaults(name)["mining"])
     return "triplets" if mining == "none" else "m_per_class"
   return "m_per_class"
+
+
+def accepted_batch_kinds(name: str, options: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+  """Every batch kind the loss can train on; the first is `batch_kind`, the one it is meant for.
+
+  Pair losses and explicit triplets read fixed rows, so only their own layout works. In-batch mining
+  and the prototypical loss flatten the batch, so any layout works (pair and triplet batches just
+  carry fewer positives per class than m-per-class ones).
+  """
+  preferred = batch_kind(name, options)
+  if preferred == "m_per_class":
+    return ("m_per_class", "pairs", "triplets")
+  return (preferred,)
+
+
+def check_batch_kind(name: str, options: Mapping[str, Any] | None, kind: str) -> None:
+  """UserError when the sampler's batch kind (sampling.kind) cannot feed this loss."""
+  accepted = accepted_batch_kinds(name, options)
+  if kind not in accepted:
+    raise UserError(f"sampling.kind={kind!r} cannot feed loss {name!r} with options {dict(options or {})}; "
+                    f"use sampling.kind={accepted[0]!r}" + (f" (or one of {', '.join(accepted[1:])})"
+                                                            if len(accepted) > 1 else ""))

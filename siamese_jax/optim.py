@@ -38,7 +38,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.boundaries_epochs = []  # piecewise: epochs (may be fractional) where the lr is multiplied
   config.decay_factor = 0.1  # piecewise: multiplier applied at each boundary
   config.decay_per_epoch = 0.99  # exponential: lr multiplier per whole epoch (Koch et al.: 0.99)
-  config.total_steps = 0  # cosine: steps from 0 (warmup included) to lr 0; must be set for cosine
+  config.total_steps = -1  # cosine: steps from 0 (warmup included) to lr 0; -1 = train.num_steps
   config.scale_lr_by_batch = False  # multiply learning_rate by global_batch_size / base_batch_size
   config.base_batch_size = 128  # the batch size learning_rate was tuned for (Koch et al. used 128)
   config.clip_grad_norm = 0.0  # clip the gradient's global L2 norm to this value; 0 = no clipping
@@ -79,16 +79,17 @@ def _validate(fields: dict[str, Any], steps_per_epoch: int, global_batch_size: i
   _require(isinstance(fields["nesterov"], bool), "nesterov", fields["nesterov"], "True or False")
   if fields["name"] == "sgd" and fields["nesterov"]:
     _require(momentum > 0, "nesterov", True, "False when optimizer.momentum is 0 (nothing to look ahead with)")
-  for field in ("warmup_steps", "total_steps"):
+  for field, lowest in (("warmup_steps", 0), ("total_steps", -1)):
     value = fields[field]
-    _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, field, value,
-             "an integer >= 0")
+    _require(isinstance(value, int) and not isinstance(value, bool) and value >= lowest, field, value,
+             f"an integer >= {lowest}")
   base = fields["base_batch_size"]
   _require(isinstance(base, int) and base >= 1, "base_batch_size", base, "an integer >= 1")
   if fields["schedule"] == "cosine":
+    # -1 ("the run's length") is resolved by train before it calls create_optimizer, which cannot know it.
     _require(fields["total_steps"] > fields["warmup_steps"], "total_steps", fields["total_steps"],
              f"more than warmup_steps={fields['warmup_steps']} for the cosine schedule "
-             "(usually the number of training steps)")
+             "(usually the number of training steps; -1 must be replaced by the trainer)")
   boundaries = fields["boundaries_epochs"]
   _require(isinstance(boundaries, (list, tuple)) and all(_is_number(b) for b in boundaries),
            "boundaries_epochs", boundaries, "a list of epochs")

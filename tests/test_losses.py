@@ -423,3 +423,17 @@ def test_batch_kind():
   assert losses.BATCH_K == {"pairs": 2, "triplets": 3, "m_per_class": 1}
   with pytest.raises(UserError):
     losses.batch_kind("triplet", {"minning": "none"})
+
+
+def test_check_batch_kind():
+  losses.check_batch_kind("koch_bce", {}, "pairs")
+  losses.check_batch_kind("triplet", {"mining": "none"}, "triplets")
+  for kind in ("m_per_class", "pairs", "triplets"):  # in-batch losses flatten any layout
+    losses.check_batch_kind("triplet", {"mining": "batch_all"}, kind)
+    losses.check_batch_kind("prototypical", {}, kind)
+  with pytest.raises(UserError, match="sampling.kind='m_per_class' cannot feed loss 'contrastive'.*'pairs'"):
+    losses.check_batch_kind("contrastive", {}, "m_per_class")
+  with pytest.raises(UserError, match="use sampling.kind='triplets'"):
+    losses.check_batch_kind("triplet", {"mining": "none"}, "pairs")
+  with pytest.raises(UserError, match="no option"):
+    losses.check_batch_kind("triplet", {"mine": "none"}, "triplets")

@@ -158,7 +158,9 @@ def test_default_config_builds_every_optimizer():
 @pytest.mark.parametrize("fields,match", [
     ({"name": "rmsprop"}, "optimizer.name='rmsprop'.*sgd, adam, adamw"),
     ({"schedule": "linear"}, "optimizer.schedule='linear'.*constant, piecewise, cosine, exponential"),
-    ({"schedule": "cosine"}, "optimizer.total_steps=0"),
+    ({"schedule": "cosine"}, "optimizer.total_steps=-1"),  # -1 = train.num_steps, resolved by train
+    ({"schedule": "cosine", "total_steps": 0}, "optimizer.total_steps=0"),
+    ({"total_steps": -2}, "total_steps"),
     ({"schedule": "cosine", "total_steps": 10, "warmup_steps": 10}, "total_steps"),
     ({"schedule": "piecewise", "boundaries_epochs": [2, 1]}, "boundaries_epochs"),
     ({"schedule": "piecewise", "boundaries_epochs": [0.01]}, "boundaries_epochs"),  # rounds to step 0

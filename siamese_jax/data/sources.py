@@ -445,11 +445,13 @@ def cached_decode_all(loader: Callable[[int], np.ndarray], file_ids: Sequence[st
     return decode_all(loader, len(file_ids), image_shape, description)
   key = [_DECODE_VERSION, description, list(image_shape), identity()]
   path = _cache_path(cache_dir, description, key)
+  # Stored beside the pixels and checked on load: the record order must match, not just the files.
+  ids_digest = hashlib.sha256("\n".join(file_ids).encode()).hexdigest()
   if path.exists():
     try:
       with np.load(path, allow_pickle=False) as cached:
-        images, cached_ids = cached["images"], cached["file_ids"]
-      if images.shape == (len(file_ids), *image_shape) and list(cached_ids) == list(file_ids):
+        images, cached_ids_digest = cached["images"], str(cached["file_ids_sha256"])
+      if images.shape == (len(file_ids), *image_shape) and cached_ids_digest == ids_digest:
         return images
     except (OSError, ValueError, KeyError, zipfile.BadZipFile):
       pass  # A damaged cache is rebuilt below.
@@ -459,7 +461,7 @@ def cached_decode_all(loader: Callable[[int], np.ndarray], file_ids: Sequence[st
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp",
                                      delete=False) as file:
       temporary = file.name
-      np.savez(file, images=images, file_ids=np.asarray(list(file_ids), dtype=str))
+      np.savez(file, images=images, file_ids_sha256=np.asarray(ids_digest))
     os.replace(temporary, path)
   except OSError as error:
     raise UserError(f"cache_dir={os.fspath(cache_dir)!r}: cannot write the decoded-image cache "

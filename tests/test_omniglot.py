@@ -109,6 +109,12 @@ def test_omniglot_dir_from_environment(tmp_path, monkeypatch):
   monkeypatch.setenv("OMNIGLOT_DIR", str(tmp_path / "env"))
   source = omniglot.omniglot_source(image_shape=(8, 8, 1), in_memory=False, download=False)
   assert source.num_classes == 6
+  # An explicit data_dir beats $OMNIGLOT_DIR, which beats the default ~/.cache folder.
+  assert omniglot.resolve_data_dir(tmp_path / "arg") == tmp_path / "arg"
+  assert omniglot.resolve_data_dir() == tmp_path / "env"
+  monkeypatch.delenv("OMNIGLOT_DIR")
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  assert omniglot.resolve_data_dir() == tmp_path / "home" / ".cache" / "siamese_jax" / "omniglot"
 
 
 def test_cache_dir_round_trip(tmp_path, monkeypatch):

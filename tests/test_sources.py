@@ -265,7 +265,9 @@ def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
   os.utime(root / "ant" / "img0.png", ns=(1, 1))
   changed = sources.image_folder_source(root, (6, 6, 1), cache_dir=cache)
   assert changed[0][0, 0, 0] == 222
-  assert len(list(cache.glob("*.npz"))) == 3
+  inverted = sources.image_folder_source(root, (6, 6, 1), cache_dir=cache, invert=True)
+  np.testing.assert_array_equal(inverted.images, 255 - changed.images)
+  assert len(list(cache.glob("*.npz"))) == 4
 
 
 def test_zip_reader_reopens_after_pickling(tmp_path):
@@ -341,6 +343,31 @@ def test_tfds_source_with_random_mock_data_source():
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(source))[5], source[5])
     with pytest.raises(UserError, match="no feature 'font'"):
       sources.tfds_source("omniglot", "train", image_shape=(8, 8, 1), label_key="font")
+
+
+def test_tfds_cache_skips_reading_records(tmp_path, monkeypatch):
+  # Mocked data sets have no local files to fingerprint; pretend they do so the cache switches on.
+  monkeypatch.setattr(sources, "_tfds_identity", lambda builder: ["fake prepared files"])
+  reads = []
+
+  def as_data_source(builder, split, decoders=None, **kwargs):
+    class Recorded(list):
+      def __getitem__(self, index):
+        reads.append(index)
+        return list.__getitem__(self, index)
+    return Recorded(fake_omniglot_examples())
+
+  with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE,
+                              as_data_source_fn=as_data_source):
+    first = sources.tfds_source("omniglot", "test", image_shape=(9, 9, 1), group_key="alphabet",
+                                cache_dir=tmp_path)
+    assert len(reads) == 5
+    second = sources.tfds_source("omniglot", "test", image_shape=(9, 9, 1), group_key="alphabet",
+                                 cache_dir=tmp_path)
+    assert len(reads) == 5  # nothing read the second time
+  np.testing.assert_array_equal(first.images, second.images)
+  assert first.labels.tolist() == second.labels.tolist()
+  assert second.class_names == first.class_names and second.group_names == first.group_names
 
 
 def test_tfds_class_in_two_groups_is_an_error():

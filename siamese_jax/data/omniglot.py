@@ -52,7 +52,7 @@ KOCH_VALIDATION_DRAWERS = tuple(range(13, 21))
 _DRAWER_PATTERN = re.compile(r"^\d+_(\d+)\.[A-Za-z]+$")
 
 
-def omniglot_dir(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
   """`data_dir` if given, else $OMNIGLOT_DIR, else ~/.cache/siamese_jax/omniglot."""
   if data_dir is not None:
     return pathlib.Path(data_dir).expanduser()
@@ -122,7 +122,7 @@ def find_omniglot_file(filename: str, *, data_dir: str | os.PathLike | None = No
                        download: bool = True, base_url: str = OMNIGLOT_BASE_URL,
                        timeout: float = DOWNLOAD_TIMEOUT_S) -> pathlib.Path:
   """The path of `filename` (e.g. "all_runs.zip") in the Omniglot folder, downloaded if allowed."""
-  directory = omniglot_dir(data_dir)
+  directory = resolve_data_dir(data_dir)
   path = directory / filename
   if path.is_file():
     return path
@@ -152,7 +152,7 @@ def omniglot_source(subset: Literal["background", "evaluation"] = "background", 
   """
   if subset not in ("background", "evaluation"):
     raise UserError(f"subset={subset!r}: expected 'background' or 'evaluation'")
-  directory = omniglot_dir(data_dir)
+  directory = resolve_data_dir(data_dir)
   prefix = f"images_{subset}"
   zip_path, folder = directory / f"{prefix}.zip", directory / prefix
   if not zip_path.is_file() and not folder.is_dir():

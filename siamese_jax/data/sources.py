@@ -425,47 +425,67 @@ def decode_all(loader: Callable[[int], np.ndarray], count: int, image_shape: Ima
   return images
 
 
-def _cache_path(cache_dir: str | os.PathLike, description: str, key: list[Any]) -> pathlib.Path:
-  digest = hashlib.sha256(repr(key).encode()).hexdigest()[:20]
+def cache_file(cache_dir: str | os.PathLike, description: str, key: list[Any]) -> pathlib.Path:
+  """Where the cache for `key` lives: a readable stem plus a digest of everything that matters."""
+  digest = hashlib.sha256(repr([_DECODE_VERSION, *key]).encode()).hexdigest()[:20]
   stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in description)[:60]
   return pathlib.Path(cache_dir) / f"{stem}-{digest}.npz"
 
 
-def cached_decode_all(loader: Callable[[int], np.ndarray], file_ids: Sequence[str],
-                      image_shape: ImageShape, *, description: str,
-                      cache_dir: str | os.PathLike | None,
-                      identity: Callable[[], list[Any]] | None) -> np.ndarray:
-  """`decode_all`, reusing an on-disk copy when `cache_dir` is set.
+def read_cache(path: pathlib.Path) -> dict[str, np.ndarray] | None:
+  """The arrays stored at `path`, or None when absent or damaged (then it is simply rebuilt)."""
+  if not path.exists():
+    return None
+  try:
+    with np.load(path, allow_pickle=False) as cached:
+      return {name: cached[name] for name in cached.files}
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+    return None
 
-  The key covers the files' identity (path, size, mtime), the image shape, the decode options and a
-  decoder version: a changed file or setting is a cache miss, never a stale hit. Files are written
-  to a temporary name and renamed, so a killed run or a concurrent run never leaves half a cache.
-  """
-  if cache_dir is None or identity is None:
-    return decode_all(loader, len(file_ids), image_shape, description)
-  key = [_DECODE_VERSION, description, list(image_shape), identity()]
-  path = _cache_path(cache_dir, description, key)
-  # Stored beside the pixels and checked on load: the record order must match, not just the files.
-  ids_digest = hashlib.sha256("\n".join(file_ids).encode()).hexdigest()
-  if path.exists():
-    try:
-      with np.load(path, allow_pickle=False) as cached:
-        images, cached_ids_digest = cached["images"], str(cached["file_ids_sha256"])
-      if images.shape == (len(file_ids), *image_shape) and cached_ids_digest == ids_digest:
-        return images
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-      pass  # A damaged cache is rebuilt below.
-  images = decode_all(loader, len(file_ids), image_shape, description)
+
+def write_cache(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
+  """Writes to a temporary name and renames it into place: a killed or concurrent run never leaves
+  half a file under the final name (os.replace is atomic on one file system)."""
+  temporary = None
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp",
                                      delete=False) as file:
       temporary = file.name
-      np.savez(file, images=images, file_ids_sha256=np.asarray(ids_digest))
+      np.savez(file, **arrays)
     os.replace(temporary, path)
+    temporary = None
   except OSError as error:
-    raise UserError(f"cache_dir={os.fspath(cache_dir)!r}: cannot write the decoded-image cache "
+    raise UserError(f"cache_dir={os.fspath(path.parent)!r}: cannot write the decoded-image cache "
                     f"({error}); use a writable folder or cache_dir=None") from error
+  finally:
+    if temporary is not None and os.path.exists(temporary):
+      os.remove(temporary)
+
+
+def cached_decode_all(loader: Callable[[int], np.ndarray], file_ids: Sequence[str],
+                      image_shape: ImageShape, *, description: str,
+                      cache_dir: str | os.PathLike | None,
+                      identity: Callable[[], list[Any]] | None,
+                      options: dict[str, Any] | None = None) -> np.ndarray:
+  """`decode_all`, reusing an on-disk copy when `cache_dir` is set.
+
+  The key covers the files' identity (path, size, mtime), the image shape, the decode `options`
+  (e.g. invert) and a decoder version: a changed file or setting is a cache miss, never a stale hit.
+  """
+  if cache_dir is None or identity is None:
+    return decode_all(loader, len(file_ids), image_shape, description)
+  path = cache_file(cache_dir, description,
+                    [description, list(image_shape), sorted((options or {}).items()), identity()])
+  # Stored beside the pixels and checked on load: the record order must match, not just the files.
+  ids_digest = hashlib.sha256("\n".join(file_ids).encode()).hexdigest()
+  cached = read_cache(path)
+  if (cached is not None and "images" in cached and "file_ids_sha256" in cached
+      and cached["images"].shape == (len(file_ids), *image_shape)
+      and str(cached["file_ids_sha256"]) == ids_digest):
+    return cached["images"]
+  images = decode_all(loader, len(file_ids), image_shape, description)
+  write_cache(path, {"images": images, "file_ids_sha256": np.asarray(ids_digest)})
   return images
 
 
@@ -500,7 +520,8 @@ def source_from_reader(reader: Reader, *, file_ids: Sequence[str], class_keys: S
   if not in_memory:
     return ImageSource(**common, loader=loader)
   images = cached_decode_all(loader, file_ids, image_shape, description=description,
-                             cache_dir=cache_dir, identity=reader.identity)
+                             cache_dir=cache_dir, identity=reader.identity,
+                             options={"invert": invert})
   return ImageSource(**common, images=images)
 
 
@@ -664,9 +685,25 @@ class TfdsImageLoader:
     return self.convert(self.record(index)[self.image_key], index)
 
 
+def _tfds_identity(builder: Any) -> list[Any] | None:
+  """(path, size, mtime) of the prepared files, or None where they are not a local folder (GCS,
+  mocks): then nothing is cached, rather than risking a stale hit."""
+  root = os.fspath(builder.data_dir)
+  if not os.path.isdir(root):
+    return None
+  items: list[Any] = [os.path.abspath(root)]
+  for folder, _, files in sorted(os.walk(root)):
+    for file in sorted(files):
+      stat = os.stat(os.path.join(folder, file))
+      items.append((os.path.relpath(os.path.join(folder, file), root), stat.st_size,
+                    stat.st_mtime_ns))
+  return items
+
+
 def tfds_source(name: str, split: str, *, data_dir: str | os.PathLike | None = None,
                 image_shape: Sequence[int], image_key: str = "image", label_key: str = "label",
                 group_key: str | None = None, in_memory: bool = True,
+                cache_dir: str | os.PathLike | None = None,
                 invert: bool | None = None) -> ImageSource:
   """A prepared TFDS data set (array_record format) through `tfds.data_source`; never downloads.
 
@@ -675,7 +712,8 @@ def tfds_source(name: str, split: str, *, data_dir: str | os.PathLike | None = N
   `group_key` (e.g. "alphabet" for Omniglot) gives groups; every class must lie in one group.
   `invert=None` inverts for "omniglot" (white paper, black ink in TFDS) so that ink = 255 as in
   Contract 1, and leaves other data sets alone. The split is read once to collect labels (and, in
-  memory, images in the same pass).
+  memory, images in the same pass); with `cache_dir`, an in-memory source stores images and labels
+  keyed by the prepared files' identity, and a later run reads no record at all.
   """
   import tensorflow_datasets as tfds
 
@@ -685,7 +723,8 @@ def tfds_source(name: str, split: str, *, data_dir: str | os.PathLike | None = N
   if invert is None:
     invert = base_name == "omniglot"
   data_source = _open_tfds(name, split, data_dir_str)
-  features = tfds.builder(name, data_dir=data_dir_str).info.features
+  builder = tfds.builder(name, data_dir=data_dir_str)
+  features = builder.info.features
   for key in (image_key, label_key, group_key):
     if key is not None and key not in features:
       raise UserError(f"TFDS dataset {name!r}: no feature {key!r}; it has {sorted(features.keys())}")
@@ -697,17 +736,30 @@ def tfds_source(name: str, split: str, *, data_dir: str | os.PathLike | None = N
   loader = TfdsImageLoader(name, split, data_dir_str, image_key, image_shape, invert,
                            data_source=data_source)
   count = len(data_source)
-  raw_labels = np.empty(count, np.int64)
-  raw_groups = np.zeros(count, np.int64)
-  images = np.empty((count, *image_shape), np.uint8) if in_memory else None
-  for index in tqdm.tqdm(range(count), desc=f"Reading TFDS {name}/{split}", unit="img",
-                         mininterval=1.0, leave=False):
-    record = data_source[index]
-    raw_labels[index] = int(record[label_key])
-    if group_key is not None:
-      raw_groups[index] = int(record[group_key])
-    if images is not None:
-      images[index] = loader.convert(record[image_key], index)
+  cache_path, cached = None, None
+  identity = _tfds_identity(builder) if in_memory and cache_dir is not None else None
+  if identity is not None:
+    cache_path = cache_file(cache_dir, f"tfds_{base_name}_{split}", [
+        name, split, image_key, label_key, group_key, list(image_shape), invert, identity])
+    cached = read_cache(cache_path)
+  if (cached is not None and {"images", "raw_labels", "raw_groups"} <= cached.keys()
+      and cached["images"].shape == (count, *image_shape)):
+    images, raw_labels, raw_groups = cached["images"], cached["raw_labels"], cached["raw_groups"]
+  else:
+    raw_labels = np.empty(count, np.int64)
+    raw_groups = np.zeros(count, np.int64)
+    images = np.empty((count, *image_shape), np.uint8) if in_memory else None
+    for index in tqdm.tqdm(range(count), desc=f"Reading TFDS {name}/{split}", unit="img",
+                           mininterval=1.0, leave=False):
+      record = data_source[index]
+      raw_labels[index] = int(record[label_key])
+      if group_key is not None:
+        raw_groups[index] = int(record[group_key])
+      if images is not None:
+        images[index] = loader.convert(record[image_key], index)
+    if cache_path is not None:
+      write_cache(cache_path, {"images": images, "raw_labels": raw_labels,
+                               "raw_groups": raw_groups})
 
   label_name, group_name = feature_names(label_key), (
       feature_names(group_key) if group_key else None)

@@ -1,0 +1,35 @@
+r"""Any image-folder dataset (one sub-folder per class, or group/class), classes split by a seeded draw.
+
+Command:
+  python launch.py --config=configs/folder.py --config.data.path=/path/to/images --workdir=runs/folder
+Defaults suit small colour images (64x64 RGB, small ResNet, triplet loss with semi-hard mining).
+`:smoke` runs in seconds on a tiny folder (the tests make one).
+"""
+
+from configs import omniglot
+
+
+def get_config(arg: str | None = None):
+  config = omniglot.get_config(arg)
+  config.data.source = "folder"
+  config.data.image_size = 64
+  config.data.channels = 3
+  config.eval.lake_runs = False
+  config.model.name = "resnet"
+  config.model.widths = (32, 64, 128)
+  config.model.blocks_per_stage = 1
+  config.model.embedding_dim = 128
+  config.model.l2_normalize = True
+  config.loss.name = "triplet"
+  config.loss.margin = 0.2
+  config.loss.distance = "squared_euclidean"
+  config.loss.mining = "semi_hard"
+  config.eval.validation_ways = 5
+  config.eval.test_ways = (5,)
+  if arg == "smoke":
+    config.data.image_size = 32
+    config.model.widths = (8, 16)
+    config.sampling.batch_size = 16
+    config.eval.validation_ways = 3
+    config.eval.test_ways = (3,)
+  return config

@@ -201,7 +201,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                    time.perf_counter() - training_started > 60 * train_config.time_limit_minutes)
 
     validation = None
-    if train_config.eval_every and (step % train_config.eval_every == 0 or is_last) and len(built.splits.validation):
+    if train_config.eval_every and (step % train_config.eval_every == 0 or is_last) and \
+        built.splits.validation is not None:
       validation = validation_accuracy(embed_fn, built.parallel.get_state(device_state),
                                        built.splits.validation, config.eval, seed=config.seed)
       writer.write(step, {"accuracy": validation}, prefix="validation")

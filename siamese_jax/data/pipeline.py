@@ -92,7 +92,7 @@ class Splits:
   """Train classes, validation classes (model selection), test classes (the final report)."""
 
   train: Any
-  validation: Any
+  validation: Any  # None when no classes are held out for validation
   test: Any
   lake_runs: list = dataclasses.field(default_factory=list)  # Omniglot only: Lake's 20 official runs
 
@@ -126,16 +126,23 @@ def load_splits(data_config, seed: int) -> Splits:
       raise UserError("data.path must name the image folder when data.source='folder'.")
     everything = sources.image_folder_source(data_config.path, layout=data_config.layout, **common)
     rest, test = sources.split_classes(everything, data_config.test_fraction, seed=seed)
-    validation_share = data_config.validation_fraction / max(1e-9, 1 - data_config.test_fraction)
-    train, validation = sources.split_classes(rest, validation_share, seed=seed + 1)
-    return Splits(train, validation, test)
+    return Splits(*_hold_out_validation(rest, data_config.validation_fraction / (1 - data_config.test_fraction),
+                                        seed + 1), test)
   if data_config.source == "tfds":
     load = functools.partial(sources.tfds_source, data_config.tfds_name, data_dir=data_config.data_dir or None,
                              group_key=data_config.tfds_group_key or None, **common)
-    train, validation = sources.split_classes(load(data_config.tfds_train_split),
-                                              data_config.validation_fraction, seed=seed)
+    train, validation = _hold_out_validation(load(data_config.tfds_train_split),
+                                             data_config.validation_fraction, seed)
     return Splits(train, validation, load(data_config.tfds_test_split))
   raise UserError(f"data.source='{data_config.source}' is not one of ('omniglot', 'folder', 'tfds').")
+
+
+def _hold_out_validation(source, fraction: float, seed: int):
+  """(train, validation) classes; fraction 0 means no validation split (validation is None)."""
+  if fraction <= 0:
+    return source, None
+  from siamese_jax.data import sources
+  return sources.split_classes(source, fraction, seed=seed)
 
 
 def all_images(source) -> np.ndarray:

@@ -15,7 +15,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seed = 0  # one seed for initialisation, batches, augmentation and evaluation episodes
 
   config.data = ml_collections.ConfigDict()
-  config.data.source = "omniglot"  # omniglot | tfds | folder
+  config.data.source = "omniglot"  # omniglot | folder | tfds | synthetic (fake, for tests)
   config.data.data_dir = ""  # Omniglot zips or folders; "" = $OMNIGLOT_DIR, else ~/.cache/siamese_jax/omniglot
   config.data.download = True  # fetch the official zips (checksummed) when absent from data_dir
   config.data.image_size = 28  # images are resized to image_size x image_size
@@ -35,6 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.tfds_train_split = "train"  # tfds: split to train on
   config.data.tfds_test_split = "test"  # tfds: split to test on
   config.data.tfds_group_key = ""  # tfds: feature holding the group (e.g. alphabet), "" = none
+  config.data.synthetic_classes = 40  # synthetic: number of fake classes (20 images each)
 
   config.sampling = ml_collections.ConfigDict()
   config.sampling.kind = "m_per_class"  # pairs | triplets | m_per_class (must suit the loss)

@@ -57,7 +57,7 @@ def sample_episodes(labels: np.ndarray, class_groups: np.ndarray, *, ways: int, 
   class_groups = np.asarray(class_groups)
   num_classes = len(class_groups)
   per_class = np.bincount(labels, minlength=num_classes)
-  if shots + queries > per_class.min(initial=0):
+  if shots + queries > per_class.min():
     fewest = int(np.argmin(per_class))
     raise UserError(f"{shots}-shot episodes with {queries} queries need {shots + queries} images per class; "
                     f"class {fewest} has {per_class[fewest]}.")

@@ -174,7 +174,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     # then the loop's bookkeeping; the next batch drawn is then the one the interrupted run would draw.
     start_step, state, data_state, loop_state = restored
     iterator.set_state(data_state)
-    logging.info("Resumed from step %d", start_step)
+    print(f"Resuming from the checkpoint at step {start_step} in {workdir}", flush=True)
   start_step = int(state.step)
 
   writer = MetricWriter(workdir, enabled=is_main)

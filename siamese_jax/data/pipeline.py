@@ -87,6 +87,9 @@ def prefetch_to_device(iterator, put: Callable[[dict], Any], size: int = 2) -> I
       pass
 
 
+SOURCES = ("omniglot", "folder", "tfds", "synthetic")
+
+
 @dataclasses.dataclass
 class Splits:
   """Train classes, validation classes (model selection), test classes (the final report)."""
@@ -125,16 +128,26 @@ def load_splits(data_config, seed: int) -> Splits:
     if not data_config.path:
       raise UserError("data.path must name the image folder when data.source='folder'.")
     everything = sources.image_folder_source(data_config.path, layout=data_config.layout, **common)
-    rest, test = sources.split_classes(everything, data_config.test_fraction, seed=seed)
-    return Splits(*_hold_out_validation(rest, data_config.validation_fraction / (1 - data_config.test_fraction),
-                                        seed + 1), test)
+    return _split_test_and_validation(everything, data_config, seed)
   if data_config.source == "tfds":
     load = functools.partial(sources.tfds_source, data_config.tfds_name, data_dir=data_config.data_dir or None,
                              group_key=data_config.tfds_group_key or None, **common)
     train, validation = _hold_out_validation(load(data_config.tfds_train_split),
                                              data_config.validation_fraction, seed)
     return Splits(train, validation, load(data_config.tfds_test_split))
-  raise UserError(f"data.source='{data_config.source}' is not one of ('omniglot', 'folder', 'tfds').")
+  if data_config.source == "synthetic":  # learnable fake data: tests, benchmarks, trying a config offline
+    everything = sources.synthetic_source(num_classes=data_config.synthetic_classes, per_class=20,
+                                          image_shape=image_shape, num_groups=4, seed=seed)
+    return _split_test_and_validation(everything, data_config, seed)
+  raise UserError(f"data.source='{data_config.source}' is not one of {SOURCES}.")
+
+
+def _split_test_and_validation(everything, data_config, seed: int) -> Splits:
+  """Seeded class splits for data with no given split: test classes first, then validation classes."""
+  from siamese_jax.data import sources
+  rest, test = sources.split_classes(everything, data_config.test_fraction, seed=seed)
+  validation_share = data_config.validation_fraction / (1 - data_config.test_fraction)
+  return Splits(*_hold_out_validation(rest, validation_share, seed + 1), test)
 
 
 def _hold_out_validation(source, fraction: float, seed: int):

@@ -128,6 +128,9 @@ class Sampler:
       raise UserError(f"sampling.kind='{self.kind}' is not one of {KINDS}.")
     if self.batch_size < 1:
       raise UserError(f"sampling.batch_size must be positive, got {self.batch_size}.")
+    if not 0.0 <= self.same_group_negative_probability <= 1.0:
+      raise UserError("sampling.same_group_negative_probability must lie in [0, 1], got "
+                      f"{self.same_group_negative_probability}.")
     if self.kind == "m_per_class":
       if self.m_per_class < 2 or self.batch_size % self.m_per_class:
         raise UserError(f"sampling.batch_size={self.batch_size} must be a multiple of "

@@ -145,8 +145,15 @@ def load_splits(data_config, seed: int) -> Splits:
 def _split_test_and_validation(everything, data_config, seed: int) -> Splits:
   """Seeded class splits for data with no given split: test classes first, then validation classes."""
   from siamese_jax.data import sources
-  rest, test = sources.split_classes(everything, data_config.test_fraction, seed=seed)
-  validation_share = data_config.validation_fraction / (1 - data_config.test_fraction)
+  test_fraction, validation_fraction = data_config.test_fraction, data_config.validation_fraction
+  # Checked here so the message names the config fields; split_classes only knows "held_out".
+  if not 0 < test_fraction < 1 or not 0 <= validation_fraction < 1 or \
+      test_fraction + validation_fraction >= 1:
+    raise UserError(f"data.test_fraction={test_fraction} and data.validation_fraction="
+                    f"{validation_fraction}: expected 0 < test_fraction < 1, 0 <= validation_fraction "
+                    "and test_fraction + validation_fraction < 1 (some classes must be left to train on).")
+  rest, test = sources.split_classes(everything, test_fraction, seed=seed)
+  validation_share = validation_fraction / (1 - test_fraction)
   return Splits(*_hold_out_validation(rest, validation_share, seed + 1), test)
 
 

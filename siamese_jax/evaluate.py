@@ -38,6 +38,9 @@ def embed_images(embed_fn: Callable, variables, images: np.ndarray, batch_size: 
   return np.concatenate([np.asarray(out)[:valid] for out, valid in chunks]).astype(np.float32)
 
 
+METRICS = ("euclidean", "cosine")
+
+
 @dataclasses.dataclass(frozen=True)
 class Episodes:
   """Record indices of E episodes: support [E, N, K] and query [E, N, Q]; class n of an episode is n."""
@@ -56,6 +59,9 @@ def sample_episodes(labels: np.ndarray, class_groups: np.ndarray, *, ways: int, 
   labels = np.asarray(labels)
   class_groups = np.asarray(class_groups)
   num_classes = len(class_groups)
+  if ways < 1 or shots < 1 or queries < 1 or num_episodes < 1:
+    raise UserError(f"episodes need ways >= 1, shots >= 1, queries >= 1 and num_episodes >= 1; got "
+                    f"ways={ways}, shots={shots}, queries={queries}, num_episodes={num_episodes}.")
   per_class = np.bincount(labels, minlength=num_classes)
   if shots + queries > per_class.min():
     fewest = int(np.argmin(per_class))
@@ -68,7 +74,8 @@ def sample_episodes(labels: np.ndarray, class_groups: np.ndarray, *, ways: int, 
     if eligible.size == 0:
       raise UserError(f"{ways}-way within-group episodes need a group with {ways} classes; the largest "
                       f"has {group_sizes.max(initial=0)}.")
-    # Groups are drawn in proportion to how many N-class subsets... simply uniformly, like Lake's runs.
+    # Every eligible group is equally likely however many classes it has, so a few large alphabets
+    # do not dominate the score (each of Lake's runs, likewise, is one alphabet).
     episode_groups = rng.choice(eligible, size=num_episodes)
     class_keys = rng.random((num_episodes, num_classes))
     class_keys[class_groups[None, :] != episode_groups[:, None]] = np.inf
@@ -91,8 +98,11 @@ def sample_episodes(labels: np.ndarray, class_groups: np.ndarray, *, ways: int, 
 def episode_accuracies(embeddings: np.ndarray, episodes: Episodes, metric: str = "euclidean") -> np.ndarray:
   """Accuracy of each episode: a query is assigned to the nearest class prototype (mean of its shots).
 
-  With one shot the prototype is the support image itself (nearest neighbour).
+  With one shot the prototype is the support image itself (nearest neighbour). `metric` is
+  "euclidean" (squared distance) or "cosine" (angle, embeddings and prototypes normalised).
   """
+  if metric not in METRICS:
+    raise UserError(f"metric='{metric}' is not one of {METRICS}.")
   return np.asarray(_episode_accuracies(jnp.asarray(embeddings), jnp.asarray(episodes.support),
                                         jnp.asarray(episodes.query), metric))
 
@@ -146,16 +156,23 @@ def one_shot_report(embeddings: np.ndarray, labels: np.ndarray, class_groups: np
   return report
 
 
-def lake_runs_accuracy(embed_fn: Callable, variables, runs) -> dict:
+def lake_runs_accuracy(embed_fn: Callable, variables, runs, batch_size: int = 1024) -> dict:
   """Lake et al.'s 20-way one-shot benchmark: each test item goes to its nearest training image.
 
   `runs`: items with `training` [20,H,W,C], `test` [20,H,W,C] uint8 and `answers` [20] (the index of
   the right training image of each test item). Returns overall accuracy (0-1) and the 20 per-run ones.
+  All runs' images are embedded in one `embed_images` call: one compilation and a few large batches
+  instead of 20 small ones.
   """
+  runs = list(runs)
+  if not runs:
+    return {"accuracy": float("nan"), "per_run": []}
+  parts = [part for run in runs for part in (run.training, run.test)]
+  embeddings = embed_images(embed_fn, variables, np.concatenate(parts), batch_size=batch_size)
+  ends = np.cumsum([len(part) for part in parts])
+  pieces = np.split(embeddings, ends[:-1])
   per_run = []
-  for run in runs:
-    embeddings = embed_images(embed_fn, variables, np.concatenate([run.training, run.test]))
-    training, test = embeddings[: len(run.training)], embeddings[len(run.training):]
+  for run, training, test in zip(runs, pieces[0::2], pieces[1::2]):
     distances = ((test[:, None, :] - training[None, :, :]) ** 2).sum(-1)
     per_run.append(float(np.mean(distances.argmin(axis=1) == np.asarray(run.answers))))
   return {"accuracy": float(np.mean(per_run)), "per_run": per_run}

@@ -405,6 +405,7 @@ def check_batch_kind(name: str, options: Mapping[str, Any] | None, kind: str) ->
   """UserError when the sampler's batch kind (sampling.kind) cannot feed this loss."""
   accepted = accepted_batch_kinds(name, options)
   if kind not in accepted:
-    raise UserError(f"sampling.kind={kind!r} cannot feed loss {name!r} with options {dict(options or {})}; "
+    with_options = f" with options {dict(options)}" if options else ""
+    raise UserError(f"sampling.kind={kind!r} cannot feed loss {name!r}{with_options}; "
                     f"use sampling.kind={accepted[0]!r}" + (f" (or one of {', '.join(accepted[1:])})"
                                                             if len(accepted) > 1 else ""))

@@ -22,6 +22,7 @@ The functional pattern the train step uses (and the tests check):
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, Callable, Mapping
 
 import jax
@@ -290,8 +291,11 @@ def _resolved_config(model_config: Mapping[str, Any] | ml_collections.ConfigDict
   config = default_config(given["name"])
   unknown = sorted(set(given) - set(config.keys()))
   if unknown:
+    close = {field: difflib.get_close_matches(field, list(config.keys()), n=1) for field in unknown}
+    hints = "".join(f" (model.{field}: did you mean model.{match[0]}?)" for field, match in close.items() if match)
     raise UserError(
       f"model: unknown field(s) {unknown} for model.name='{given['name']}'; valid fields are {sorted(config.keys())}"
+      f"{hints}. Each model has its own fields: after changing model.name, remove the old model's fields"
     )
   config.update(given)
   return config

@@ -62,10 +62,20 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
 
 
 def _where(data_dir: str | os.PathLike | None) -> str:
-  """Says where the folder came from, so a user knows which knob to turn."""
+  """Says where the folder came from, so a user knows which knob to turn.
+
+  A caller that resolved the folder itself (the pipeline calls `resolve_data_dir` first) passes the
+  same path $OMNIGLOT_DIR or the default gave; that is reported as such, not as a data_dir argument.
+  """
+  environment = os.environ.get("OMNIGLOT_DIR")
   if data_dir is not None:
-    return "the data_dir argument"
-  if os.environ.get("OMNIGLOT_DIR"):
+    given = pathlib.Path(data_dir).expanduser()
+    if environment and given == pathlib.Path(environment).expanduser():
+      return "$OMNIGLOT_DIR"
+    if not environment and given == DEFAULT_OMNIGLOT_DIR.expanduser():
+      return "the default (OMNIGLOT_DIR is not set)"
+    return "the data_dir argument, config field data.data_dir"
+  if environment:
     return "$OMNIGLOT_DIR"
   return "the default (OMNIGLOT_DIR is not set)"
 
@@ -130,7 +140,7 @@ def find_omniglot_file(filename: str, *, data_dir: str | os.PathLike | None = No
     raise UserError(
         f"Omniglot: {path} not found (folder from {_where(data_dir)}). Put {filename} there "
         f"(from {file_url(filename, base_url)}), set OMNIGLOT_DIR to the folder that holds it, or "
-        "allow download=True")
+        "allow download=True (config field data.download)")
   return download_omniglot_file(filename, directory, base_url=base_url, timeout=timeout)
 
 
@@ -161,7 +171,7 @@ def omniglot_source(subset: Literal["background", "evaluation"] = "background", 
           f"Omniglot {subset}: neither {zip_path} nor the extracted folder {folder}/ exists "
           f"(folder from {_where(data_dir)}). Put {prefix}.zip there (from "
           f"{file_url(prefix + '.zip', base_url)}), set OMNIGLOT_DIR to the folder that holds it, "
-          "or allow download=True")
+          "or allow download=True (config field data.download)")
     download_omniglot_file(f"{prefix}.zip", directory, base_url=base_url)
 
   if zip_path.is_file():

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 import tqdm
 
 from siamese_jax.errors import UserError
@@ -103,8 +103,11 @@ def decode_image(data: bytes, image_shape: Sequence[int], *, invert: bool = Fals
     image = Image.open(io.BytesIO(data))
     image.load()
   except Exception as error:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError).
+    # PIL's text for unknown bytes names only an in-memory buffer ("<_io.BytesIO object at 0x...>").
+    detail = ("not an image format PIL recognises" if isinstance(error, UnidentifiedImageError)
+              else f"{type(error).__name__}: {error}")
     raise UserError(
-        f"{name}: cannot decode this image ({type(error).__name__}: {error}); expected a readable "
+        f"{name}: cannot decode this image ({detail}); expected a readable "
         f"image file ({', '.join(IMAGE_EXTENSIONS)}). Replace or delete the file.") from error
   return convert_image(image, image_shape, invert=invert)
 

@@ -108,5 +108,5 @@ def print_results(results: dict) -> None:
 
 
 if __name__ == "__main__":
-  logging.set_verbosity(logging.INFO)
+  logging.set_verbosity(logging.WARNING)  # Orbax and JAX are chatty at INFO
   app.run(main, flags_parser=parse_flags)

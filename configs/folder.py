@@ -7,6 +7,7 @@ Defaults suit small colour images (64x64 RGB, small ResNet, triplet loss with se
 """
 
 from configs import omniglot
+from siamese_jax import models
 
 
 def get_config(arg: str | None = None):
@@ -15,11 +16,9 @@ def get_config(arg: str | None = None):
   config.data.image_size = 64
   config.data.channels = 3
   config.eval.lake_runs = False
-  config.model.name = "resnet"
+  config.model = models.default_config("resnet")
   config.model.widths = (32, 64, 128)
   config.model.blocks_per_stage = 1
-  config.model.embedding_dim = 128
-  config.model.l2_normalize = True
   config.loss.name = "triplet"
   config.loss.margin = 0.2
   config.loss.distance = "squared_euclidean"

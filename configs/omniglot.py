@@ -9,6 +9,8 @@ Expected (2 CPU cores): see the README's results table (time and 20-way within-a
 
 import ml_collections
 
+from siamese_jax import augment, models, optim
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -43,39 +45,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.sampling.m_per_class = 5  # m_per_class: images per class in a batch
   config.sampling.same_group_negative_probability = 0.0  # pairs/triplets: negatives from the same alphabet
 
-  config.augment = ml_collections.ConfigDict()
-  config.augment.enabled = True  # Koch et al. affine distortions, on device inside the step
-  config.augment.probability = 0.5  # each part (rotation, shear, scale, translation) applied with this
-  config.augment.rotation_deg = 10.0  # rotation within +-this
-  config.augment.shear = 0.3  # shear within +-this
-  config.augment.scale_min = 0.8  # scale range
-  config.augment.scale_max = 1.2
-  config.augment.translate_px = 1.0  # translation within +-this many pixels (2 px at 105x105 ~ 0.5 px at 28)
+  config.augment = augment.default_config()  # Koch et al. affine distortions, on device inside the step
+  config.augment.translate_px = 1.0  # +-1 px at 28x28 (the paper's +-2 px was at 105x105)
 
-  config.model = ml_collections.ConfigDict()
-  config.model.name = "conv4"  # koch | conv4 | resnet
-  config.model.width = 64  # channels of each conv block
-  config.model.embedding_dim = 0  # 0 = the flattened conv features (64 at 28x28)
-  config.model.l2_normalize = False  # unit-length embeddings
+  config.model = models.default_config("conv4")  # every field and its meaning: siamese_jax/models.py
 
   config.loss = ml_collections.ConfigDict()
   config.loss.name = "prototypical"  # koch_bce | contrastive | triplet | prototypical
 
-  config.optim = ml_collections.ConfigDict()
-  config.optim.name = "adam"  # sgd | adam | adamw
+  config.optim = optim.default_config()  # every field and its meaning: siamese_jax/optim.py
+  config.optim.name = "adam"
   config.optim.learning_rate = 1e-3  # peak learning rate
-  config.optim.momentum = 0.9  # sgd only
-  config.optim.nesterov = False  # sgd only
-  config.optim.weight_decay = 0.0  # L2 (sgd/adam) or decoupled (adamw)
-  config.optim.schedule = "cosine"  # constant | piecewise | cosine | exponential
+  config.optim.schedule = "cosine"  # to zero at train.num_steps
   config.optim.warmup_steps = 100  # linear warm-up from 0
-  config.optim.boundaries_epochs = ()  # piecewise: epochs at which lr is multiplied by decay_factor
-  config.optim.decay_factor = 0.1  # piecewise
-  config.optim.decay_per_epoch = 0.99  # exponential: Koch et al.'s 1 % per epoch
-  config.optim.total_steps = -1  # cosine decay length; -1 = train.num_steps
-  config.optim.scale_lr_by_batch = False  # lr * global_batch / base_batch_size
-  config.optim.base_batch_size = 256
-  config.optim.clip_grad_norm = 0.0  # 0 = no clipping
 
   config.parallel = ml_collections.ConfigDict()
   config.parallel.strategy = "shard_map"  # shard_map | pmap: same per-device code

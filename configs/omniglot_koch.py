@@ -7,9 +7,8 @@ Expected: not yet measured on an accelerator (the paper reports 92.0 % on Lake's
 `:smoke` runs a few steps at 105x105 on CPU in about a minute.
 """
 
-import ml_collections
-
 from configs import omniglot
+from siamese_jax import models
 
 
 def get_config(arg: str | None = None):
@@ -21,10 +20,7 @@ def get_config(arg: str | None = None):
   config.sampling.batch_size = 128
   config.sampling.same_group_negative_probability = 0.5  # pairs balanced within alphabets, like the paper
   config.augment.translate_px = 2.0
-  config.model = ml_collections.ConfigDict()
-  config.model.name = "koch"  # Koch et al. 2015 network with the weighted-L1 head
-  config.model.embedding_dim = 4096  # sigmoid features
-  config.model.l2_normalize = False
+  config.model = models.default_config("koch")  # 4096-d sigmoid features, weighted-L1 head
   config.loss.name = "koch_bce"
   config.optim.name = "sgd"
   config.optim.learning_rate = 0.01

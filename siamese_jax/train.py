@@ -118,10 +118,17 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
       same_group_negative_probability=config.sampling.same_group_negative_probability)
   losses.check_batch_kind(config.loss.name, loss_options, sampler.kind)
   model = models.create(config.model, image_shape=train_source.image_shape, rngs=nnx.Rngs(config.seed))
+  if config.loss.name == "koch_bce" and not models.has_pair_head(model):
+    raise UserError(f"loss.name='koch_bce' scores pairs with Koch's weighted-L1 head, which "
+                    f"model.name='{config.model.name}' lacks; use model.name='koch' or a pair loss such as "
+                    "'contrastive'.")
   graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
   steps_per_epoch = config.train.steps_per_epoch
   optim_config = config.optim.copy_and_resolve_references()
-  if optim_config.get("total_steps", -1) in (-1, None):
+  if optim_config.total_steps == -1:
+    if optim_config.schedule == "cosine" and config.train.num_steps <= optim_config.warmup_steps:
+      raise UserError(f"train.num_steps={config.train.num_steps} must exceed optim.warmup_steps="
+                      f"{optim_config.warmup_steps} for the cosine schedule.")
     optim_config.total_steps = config.train.num_steps
   tx, schedule = optim.create_optimizer(optim_config, steps_per_epoch=steps_per_epoch,
                                         global_batch_size=config.sampling.batch_size)

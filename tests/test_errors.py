@@ -44,10 +44,6 @@ def make_folder_dataset(root: pathlib.Path, extra: dict[str, int] | None = None)
 def folder_smoke(path: pathlib.Path) -> ml_collections.ConfigDict:
   config = folder_config.get_config("smoke")
   config.data.path = str(path)
-  # configs/folder.py switches model.name to resnet but keeps conv4's `width` from configs/omniglot.py,
-  # which models.create rejects as an unknown field; drop it so the mistakes under test are the only ones.
-  if config.model.name == "resnet" and "width" in config.model:
-    del config.model["width"]
   return config
 
 

@@ -1,0 +1,104 @@
+"""End to end on real Omniglot through launch.py: train, SIGKILL, resume, evaluate.
+
+The resumed run must end with exactly the parameters of a run that was never interrupted: batches,
+augmentation and initialisation are pure functions of (seed, step), and a checkpoint holds the train
+state, the Grain iterator position and the loop's bookkeeping.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+NUM_STEPS = 60
+
+
+def launch_command(workdir, cache_dir, *extra):
+  return [sys.executable, str(REPO / "launch.py"), "--config=configs/omniglot.py:smoke", f"--workdir={workdir}",
+          f"--config.train.num_steps={NUM_STEPS}", "--config.train.checkpoint_every=10",
+          "--config.train.eval_every=30", "--config.train.log_every=10", f"--config.data.cache_dir={cache_dir}",
+          *extra]
+
+
+def environment(omniglot_dir):
+  env = dict(os.environ, OMNIGLOT_DIR=str(omniglot_dir))
+  env.pop("XLA_FLAGS", None)  # launch.py sets the CPU flag itself; one device, like a user's run
+  return env
+
+
+def final_params(workdir: pathlib.Path, step: int):
+  restored = ocp.StandardCheckpointer().restore((workdir / "checkpoints" / str(step) / "state").absolute())
+  return restored["params"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("decoded")
+
+
+def test_sigkill_then_resume_equals_uninterrupted(omniglot_dir, tmp_path, cache_dir):
+  env = environment(omniglot_dir)
+  straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+  done = subprocess.run(launch_command(straight, cache_dir), cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+
+  # Kill -9 as soon as the first checkpoint is complete (Orbax renames its temporary directory to the
+  # step number only when the save is finished).
+  process = subprocess.Popen(launch_command(interrupted, cache_dir), cwd=REPO, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.monotonic() + 300
+  while not (interrupted / "checkpoints" / "10").exists():
+    assert process.poll() is None, "training ended before its first checkpoint"
+    assert time.monotonic() < deadline
+    time.sleep(0.02)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert process.returncode == -signal.SIGKILL
+  assert not (interrupted / "results.json").exists(), "the run finished before it was killed"
+
+  resumed = subprocess.run(launch_command(interrupted, cache_dir), cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "Resuming from the checkpoint at step" in resumed.stdout
+  resumed_from = int(resumed.stdout.split("Resuming from the checkpoint at step ")[1].split()[0])
+  assert 10 <= resumed_from < NUM_STEPS
+
+  expected, actual = final_params(straight, NUM_STEPS), final_params(interrupted, NUM_STEPS)
+  initial_like = jax.tree.leaves(expected)
+  assert len(initial_like) > 0
+  jax.tree.map(np.testing.assert_array_equal, actual, expected)
+
+  # Both runs evaluated the same final model on the evaluation alphabets and Lake's runs.
+  for workdir in (straight, interrupted):
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["step"] == NUM_STEPS
+    assert len(results["lake_runs"]["per_run"]) == 20
+    assert 0.0 <= results["episodes"]["within"]["5way1shot"]["mean"] <= 1.0
+  straight_results = json.loads((straight / "results.json").read_text())
+  interrupted_results = json.loads((interrupted / "results.json").read_text())
+  assert straight_results["lake_runs"] == interrupted_results["lake_runs"]
+  # Sixty steps are enough to learn something: 5-way one-shot chance is 20 %.
+  assert straight_results["episodes"]["unstructured"]["5way1shot"]["mean"] > 0.4
+
+
+def test_finished_workdir_is_not_retrained(omniglot_dir, tmp_path, cache_dir):
+  """Running a finished run's command again re-evaluates the final checkpoint, it does not train."""
+  env = environment(omniglot_dir)
+  first = subprocess.run(launch_command(tmp_path, cache_dir, "--config.train.num_steps=10"), cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+  assert first.returncode == 0, first.stderr[-3000:]
+  again = subprocess.run(launch_command(tmp_path, cache_dir, "--config.train.num_steps=10"), cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "Resuming from the checkpoint at step 10" in again.stdout
+  assert json.loads((tmp_path / "results.json").read_text())["step"] == 10

@@ -8,7 +8,8 @@ Saves are asynchronous (training continues while the files are written) and atom
 a temporary directory and renames it when complete, so a process killed mid-save leaves the previous
 checkpoints untouched and the partial one is never taken for a finished one.
 
-Kept: the last `max_to_keep` steps plus the best one by validation accuracy.
+Kept: the last `max_to_keep` steps plus the best one by validation accuracy (also across restarts:
+the accuracy is stored in the step's directory).
 """
 
 from __future__ import annotations
@@ -25,6 +26,25 @@ from siamese_jax.errors import UserError
 
 BEST_METRIC = "validation_accuracy"
 
+# Appended to an unreadable step's directory name when a resume falls back past it; Orbax only takes
+# all-digit names for steps, so the renamed directory is kept for inspection but never read again.
+UNREADABLE_SUFFIX = ".unreadable"
+
+
+def _best_metric(metrics: dict) -> float:
+  return metrics[BEST_METRIC]
+
+
+class _DropMissingMetricsWarning(logging.Filter):
+  """Orbax warns on every save without metrics once `best_fn` is set; most of our saves have none
+  (validation runs less often than checkpoints, or never), so the warning says nothing."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Requested `tracked_metric`")
+
+
+logging.getLogger("absl").addFilter(_DropMissingMetricsWarning())
+
 
 class Checkpointer:
   """Saves and restores (train state, iterator state, loop state) under `directory`."""
@@ -33,11 +53,15 @@ class Checkpointer:
     self.directory = pathlib.Path(directory).absolute()
     keep = checkpoint_managers.AnyPreservationPolicy([
         checkpoint_managers.LatestN(n=max_to_keep),
-        checkpoint_managers.BestN(get_metric_fn=lambda metrics: metrics[BEST_METRIC], n=1,
+        checkpoint_managers.BestN(get_metric_fn=_best_metric, n=1,
                                   keep_checkpoints_without_metrics=False),
     ])
     options = ocp.CheckpointManagerOptions(
         preservation_policy=keep, enable_async_checkpointing=asynchronous,
+        # best_fn makes Orbax write each step's metrics to disk and read them back when reopened;
+        # without it BestN only sees the metrics of steps saved by this process, so a resumed run
+        # deletes the best checkpoint of the run before it.
+        best_fn=_best_metric, best_mode="max",
         cleanup_tmp_directories=True)  # leftovers of a save killed midway
     try:
       self.manager = ocp.CheckpointManager(self.directory, options=options,
@@ -60,27 +84,51 @@ class Checkpointer:
 
     Restore order: the train state first (its shapes and shardings come from `abstract_state`, a freshly
     initialised state), then the iterator and loop states, which are plain JSON. A checkpoint that fails
-    to read is reported and the previous one tried; if none can be read that is an error, never a
-    silent fresh start that would overwrite the run.
+    to read is reported and the previous one tried (the unreadable ones are then renamed
+    `<step>.unreadable`); if none can be read that is an error, never a silent fresh start that would
+    overwrite the run.
     """
     steps = self.all_steps()
     if not steps:
       return None
-    failures = []
+    failures, unreadable_steps = [], []
     for step in reversed(steps):
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
             loop=ocp.args.JsonRestore()))
-        if failures:
-          logging.warning("Resuming from step %d; newer checkpoints were unreadable: %s", step, failures)
-        return step, restored["state"], restored["data"], restored["loop"]
       except Exception as error:  # noqa: BLE001 - any read failure means "try the previous one"
         message = f"checkpoint {self.directory / str(step)} is unreadable ({type(error).__name__}: {error})"
         logging.warning(message)
         failures.append(message)
+        unreadable_steps.append(step)
+        continue
+      if failures:
+        logging.warning("Resuming from step %d; newer checkpoints were unreadable: %s", step, failures)
+        self._set_aside(unreadable_steps, resumed_step=step)
+      return step, restored["state"], restored["data"], restored["loop"]
     raise UserError("no checkpoint in the workdir can be read, so training would start over and overwrite "
                     "them. Move the workdir aside or delete the broken checkpoints:\n  " + "\n  ".join(failures))
+
+  def _set_aside(self, steps: list[int], resumed_step: int) -> None:
+    """Renames unreadable step directories to `<step>.unreadable` (kept, never deleted).
+
+    Left in place, the broken step would stay the newest: Orbax skips saving any step not above
+    it, so the resumed run would reach that step without checkpointing it, and every later resume
+    would fall back again and lose the work since.
+    """
+    if jax.process_index() == 0:
+      for step in steps:
+        target = self.directory / f"{step}{UNREADABLE_SUFFIX}"
+        copy = 1
+        while target.exists():  # an earlier resume set aside a step of the same number
+          target = self.directory / f"{step}{UNREADABLE_SUFFIX}-{copy}"
+          copy += 1
+        (self.directory / str(step)).rename(target)
+        logging.warning("Moved unreadable checkpoint %s to %s", self.directory / str(step), target)
+    # Every process re-lists the steps only after the renames are done.
+    ocp.multihost.sync_global_processes(f"siamese_jax_checkpoint_set_aside_{resumed_step}")
+    self.manager.reload()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

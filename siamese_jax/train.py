@@ -12,6 +12,8 @@ import functools
 import json
 import logging
 import pathlib
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -196,7 +198,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   last_log_time, last_log_step = time.perf_counter(), step
   training_started = time.perf_counter()
   stop = loop_state["early_stopped"] or step >= num_steps
+  preempted = False
   batches = pipeline.prefetch_to_device(iterator, built.parallel.put_batch)
+  preemption = PreemptionSignal()
   while not stop:
     batch, data_state = next(batches)
     device_state, metrics = step_fn(device_state, batch)
@@ -222,7 +226,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         loop_state["early_stopped"] = True
         logging.info("Early stopping at step %d: no improvement in %d validations.", step, patience)
 
-    stop = is_last or out_of_time or loop_state["early_stopped"]
+    preempted = preemption.requested(step, every=train_config.log_every)
+    stop = is_last or out_of_time or loop_state["early_stopped"] or preempted
     will_save = step % train_config.checkpoint_every == 0 or stop
     # The only regular host sync; also before every save, so a non-finite state is never checkpointed.
     if step % train_config.log_every == 0 or will_save:
@@ -245,8 +250,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                         validation_accuracy=validation, force=stop)
   progress.close()
   checkpointer.close()
+  preemption.restore()
+  if preempted:
+    print(f"Stopped by {preemption.signal_name} at step {step}; checkpoint saved. Run the same command to "
+          "resume.", flush=True)
+    writer.close()
+    return {"step": step, "preempted": True}
   final_state = built.parallel.get_state(device_state)
-  results = test_report(embed_fn, final_state, built.splits, config, step=int(final_state.step))
+  results = final_report(embed_fn, final_state, built.splits, config, step=int(final_state.step))
   results["training_seconds"] = time.perf_counter() - training_started
   results["best_validation_accuracy"] = loop_state["best_validation_accuracy"]
   if is_main:
@@ -255,7 +266,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   return results
 
 
-def test_report(embed_fn, state: TrainState, splits: pipeline.Splits, config, *, step: int) -> dict:
+class PreemptionSignal:
+  """SIGTERM / SIGINT ask the loop to finish its step, save a checkpoint and return.
+
+  The handler only sets a flag, checked between steps on the host (no device sync). With several
+  processes they must agree on the stopping step, so the flag is all-gathered every `every` steps.
+  """
+
+  def __init__(self):
+    self.signal_name = None
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous[signum] = signal.signal(signum, self._handle)
+
+  def _handle(self, signum, frame):
+    self.signal_name = signal.Signals(signum).name
+
+  def requested(self, step: int, every: int) -> bool:
+    if jax.process_count() == 1:
+      return self.signal_name is not None
+    if step % every:
+      return False
+    from jax.experimental import multihost_utils
+    flags = multihost_utils.process_allgather(np.array(self.signal_name is not None))
+    return bool(np.any(flags))
+
+  def restore(self) -> None:
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+
+def final_report(embed_fn, state: TrainState, splits: pipeline.Splits, config, *, step: int) -> dict:
   """One-shot accuracy on the test classes (and Lake's 20 runs for Omniglot), as a results dict."""
   eval_config = config.eval
   results: dict[str, Any] = {"step": step}

@@ -45,12 +45,19 @@ def cache_dir(tmp_path_factory):
   return tmp_path_factory.mktemp("decoded")
 
 
-def test_sigkill_then_resume_equals_uninterrupted(omniglot_dir, tmp_path, cache_dir):
-  env = environment(omniglot_dir)
-  straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-  done = subprocess.run(launch_command(straight, cache_dir), cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=600)
+@pytest.fixture(scope="module")
+def straight(omniglot_dir, tmp_path_factory, cache_dir):
+  """A run that was never interrupted: the reference for every interrupted one."""
+  workdir = tmp_path_factory.mktemp("straight")
+  done = subprocess.run(launch_command(workdir, cache_dir), cwd=REPO, env=environment(omniglot_dir),
+                        capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
+  return workdir
+
+
+def test_sigkill_then_resume_equals_uninterrupted(omniglot_dir, tmp_path, cache_dir, straight):
+  env = environment(omniglot_dir)
+  interrupted = tmp_path / "interrupted"
 
   # Kill -9 as soon as the first checkpoint is complete (Orbax renames its temporary directory to the
   # step number only when the save is finished).
@@ -89,6 +96,31 @@ def test_sigkill_then_resume_equals_uninterrupted(omniglot_dir, tmp_path, cache_
   assert straight_results["lake_runs"] == interrupted_results["lake_runs"]
   # Sixty steps are enough to learn something: 5-way one-shot chance is 20 %.
   assert straight_results["episodes"]["unstructured"]["5way1shot"]["mean"] > 0.4
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(omniglot_dir, tmp_path, cache_dir, straight):
+  """Preemption: SIGTERM finishes the step, saves, exits 0; the next start resumes and ends identical."""
+  env = environment(omniglot_dir)
+  process = subprocess.Popen(launch_command(tmp_path, cache_dir), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+  deadline = time.monotonic() + 300
+  while not (tmp_path / "metrics.jsonl").exists():  # the first metrics line: training is under way
+    assert process.poll() is None and time.monotonic() < deadline
+    time.sleep(0.02)
+  process.send_signal(signal.SIGTERM)
+  stdout, _ = process.communicate(timeout=300)
+  assert process.returncode == 0
+  assert "Stopped by SIGTERM at step" in stdout
+  stopped_at = int(stdout.split("Stopped by SIGTERM at step ")[1].split(";")[0])
+  assert stopped_at < NUM_STEPS, "the signal came after training ended"
+  assert (tmp_path / "checkpoints" / str(stopped_at)).is_dir()
+  assert not (tmp_path / "results.json").exists()
+
+  resumed = subprocess.run(launch_command(tmp_path, cache_dir), cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"Resuming from the checkpoint at step {stopped_at}" in resumed.stdout
+  jax.tree.map(np.testing.assert_array_equal, final_params(tmp_path, NUM_STEPS), final_params(straight, NUM_STEPS))
 
 
 def test_finished_workdir_is_not_retrained(omniglot_dir, tmp_path, cache_dir):

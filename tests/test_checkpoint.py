@@ -138,12 +138,18 @@ def test_all_checkpoints_unreadable_is_an_error_not_a_fresh_start(tmp_path):
 def test_leftover_temporary_directory_is_not_a_checkpoint(tmp_path):
   save_steps(tmp_path, [None, None])
   # A save killed just before its final rename: a complete-looking copy under Orbax's temporary name.
-  shutil.copytree(tmp_path / "2", tmp_path / "5.orbax-checkpoint-tmp-1700000000000000")
+  leftover = tmp_path / "5.orbax-checkpoint-tmp-1700000000000000"
+  shutil.copytree(tmp_path / "2", leftover)
   checkpointer = checkpoint.Checkpointer(tmp_path, asynchronous=False)
   assert checkpointer.all_steps() == [1, 2]
   step, state, _, _ = checkpointer.restore_latest(checkpoint.abstract_like(make_state()))
   assert step == 2
+  # Removed in the background after opening, at the latest before the next save starts: dead saves
+  # do not pile up on disk, and step 5 can later be saved for real.
+  checkpointer.save(3, make_state(3), {"next_index": 3}, {"step": 3})
   checkpointer.close()
+  assert not leftover.exists()
+  assert steps_on_disk(tmp_path) == [2, 3]
 
 
 def test_asynchronous_saves_restore_after_wait(tmp_path):

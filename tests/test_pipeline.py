@@ -1,5 +1,7 @@
 """Tests of siamese_jax.data.pipeline: process sharding, exact resume, prefetch states, splits, the batch."""
 
+import json
+
 import numpy as np
 from PIL import Image
 import pytest
@@ -85,7 +87,8 @@ def check_resume(source, num_workers, resume_after=3, num_steps=7):
   iterator = make()
   for _ in range(resume_after):
     next(iterator)
-  state = iterator.get_state()
+  # Through JSON, as the checkpoint stores it (checkpoint.py saves it with Orbax's JsonSave).
+  state = json.loads(json.dumps(iterator.get_state()))
   expected = [next(iterator) for _ in range(num_steps - resume_after)]
   resumed = make()
   resumed.set_state(state)

@@ -5,6 +5,15 @@ r"""siamese-jax command line: the only file that defines flags; each mode calls 
   python launch.py --config=configs/omniglot.py --config.train.num_steps=100 --workdir=...  # override
 
 Running the same command again with the same workdir resumes from its newest checkpoint.
+
+On a trained workdir (its config.json and checkpoints; --checkpoint=best|latest|<step>|<path>):
+  python launch.py --mode=eval --workdir=W                     # everything -> W/eval/results.json
+  python launch.py --mode=calibrate --workdir=W                # same/different threshold -> W/eval/threshold.json
+  python launch.py --mode=export --workdir=W --split=test      # embeddings -> W/eval/embeddings_test.npz
+  python launch.py --mode=compare --workdir=W --image1=a.png --image2=b.png
+  python launch.py --mode=gallery --workdir=W --gallery=DIR --queries=DIR --method=nearest|centroid|medoid
+  python launch.py --mode=openset --workdir=W --gallery=DIR --queries=DIR
+  python launch.py --mode=plots --workdir=W                    # PNGs -> W/eval/plots/
 """
 
 import difflib
@@ -21,29 +30,115 @@ from absl import app, flags, logging  # noqa: E402
 import ml_collections  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-MODES = ("train",)
+MODES = ("train", "eval", "calibrate", "export", "compare", "gallery", "openset", "plots")
 
-config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/omniglot.py or configs/omniglot.py:smoke.",
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/omniglot.py or configs/omniglot.py:smoke. "
+                                "Required to train; other modes read <workdir>/config.json unless it is given.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, the resolved config and results.")
-flags.DEFINE_enum("mode", "train", MODES, "What to do: train (then evaluate on the test classes).")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.DEFINE_enum("mode", "train", MODES, "train (then evaluate on the test classes) | eval | calibrate | export | "
+                  "compare | gallery | openset | plots: see the module docstring.")
+flags.mark_flags_as_required(["workdir"])
+# Modes on a trained workdir.
+flags.DEFINE_string("checkpoint", "best", "Checkpoint to use: best (by validation accuracy), latest, a step number, "
+                    "or the path of a <workdir>/checkpoints/<step> directory.")
+flags.DEFINE_list("ways", ["5", "20"], "eval: N of the N-way episodes (comma-separated).")
+flags.DEFINE_list("shots", ["1", "5"], "eval: K of the K-shot episodes (comma-separated).")
+flags.DEFINE_integer("episodes", 1000, "eval: episodes per (mode, N, K) setting.")
+flags.DEFINE_integer("queries_per_class", None, "eval: query images per class in an episode (default: the run's "
+                     "eval.queries_per_class).")
+flags.DEFINE_integer("seed", None, "eval/calibrate/plots: seed of episodes and pairs (default: the run's seed).")
+flags.DEFINE_enum("scoring", "auto", ("auto", "distance", "pair_head"), "eval/calibrate: score pairs by embedding "
+                  "distance or by the Koch head's probability; auto = the head where the model has one.")
+flags.DEFINE_enum("threshold_method", "max_accuracy", ("max_accuracy", "far"), "eval/calibrate: calibrate the "
+                  "threshold for the highest accuracy on validation pairs, or for a false accept rate <= --target_far.")
+flags.DEFINE_float("target_far", 0.001, "eval/calibrate with --threshold_method=far: the false accept rate.")
+flags.DEFINE_integer("pairs", 10000, "eval/calibrate/plots: verification pairs (half same, half different).")
+flags.DEFINE_float("threshold", None, "compare/gallery/openset: same/different threshold (a distance, or a "
+                   "probability for pair-head models) instead of <workdir>/eval/threshold.json.")
+flags.DEFINE_enum("split", "test", ("train", "validation", "test"), "export: which of the run's splits.")
+flags.DEFINE_string("images", None, "export: a folder of images (one sub-folder per class) instead of a split.")
+flags.DEFINE_string("output", None, "export: .npz path; gallery/openset: CSV path; plots: folder. Default: under "
+                    "<workdir>/eval/.")
+flags.DEFINE_string("image1", None, "compare: first image file.")
+flags.DEFINE_string("image2", None, "compare: second image file.")
+flags.DEFINE_string("gallery", None, "gallery/openset: folder with one sub-folder of images per known class.")
+flags.DEFINE_string("queries", None, "gallery/openset: an image, a folder of images, or class sub-folders (then "
+                    "accuracy is reported; openset needs them: classes not in the gallery are unknown).")
+flags.DEFINE_enum("method", "nearest", ("nearest", "centroid", "medoid"), "gallery/openset: compare a query with "
+                  "the nearest gallery image, the class centroid, or the class medoid.")
+flags.DEFINE_enum("invert", "auto", ("auto", "yes", "no"), "compare/gallery/openset/export --images: invert image "
+                  "files (dark ink -> bright); auto = as the model's training data (Omniglot: yes).")
+flags.DEFINE_integer("batch_size", None, "Images embedded per call (default: the run's eval.batch_size).")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from siamese_jax import train
   from siamese_jax.errors import UserError
 
-  config = flags.FLAGS.config
+  FLAGS = flags.FLAGS
+  config, workdir, mode = FLAGS.config, FLAGS.workdir, FLAGS.mode
+  common = dict(checkpoint=FLAGS.checkpoint, config=config)
   try:
-    if flags.FLAGS.mode == "train":
-      results = train.train_and_evaluate(config, flags.FLAGS.workdir)
+    if mode == "train":
+      from siamese_jax import train
+      if config is None:
+        raise UserError("--config is required to train (e.g. --config=configs/omniglot.py).")
+      print_results(train.train_and_evaluate(config, workdir))
+    elif mode == "eval":
+      from siamese_jax import evaluate
+      results = evaluate.evaluate_workdir(
+          workdir, ways=integers(FLAGS.ways, "ways"), shots=integers(FLAGS.shots, "shots"),
+          num_episodes=FLAGS.episodes, queries_per_class=FLAGS.queries_per_class, seed=FLAGS.seed,
+          scoring=FLAGS.scoring, threshold_method=FLAGS.threshold_method, target_far=FLAGS.target_far,
+          num_pairs=FLAGS.pairs, batch_size=FLAGS.batch_size, **common)
       print_results(results)
+    elif mode == "calibrate":
+      from siamese_jax import evaluate
+      print_mapping(evaluate.calibrate_workdir(
+          workdir, scoring=FLAGS.scoring, method=FLAGS.threshold_method, target_far=FLAGS.target_far,
+          num_pairs=FLAGS.pairs, batch_size=FLAGS.batch_size, **common))
+    elif mode == "export":
+      from siamese_jax import export
+      print_mapping(export.export_workdir(workdir, split=FLAGS.split, images=FLAGS.images, output=FLAGS.output,
+                                          invert=FLAGS.invert, batch_size=FLAGS.batch_size, **common))
+    elif mode == "compare":
+      from siamese_jax import inference
+      require("compare", image1=FLAGS.image1, image2=FLAGS.image2)
+      print_mapping(inference.compare_images(workdir, FLAGS.image1, FLAGS.image2, invert=FLAGS.invert,
+                                             threshold=FLAGS.threshold, **common))
+    elif mode in ("gallery", "openset"):
+      from siamese_jax import inference
+      require(mode, gallery=FLAGS.gallery, queries=FLAGS.queries)
+      run = inference.classify_gallery if mode == "gallery" else inference.open_set
+      print_mapping(run(workdir, FLAGS.gallery, FLAGS.queries, method=FLAGS.method, output=FLAGS.output,
+                        invert=FLAGS.invert, threshold=FLAGS.threshold, **common))
+    elif mode == "plots":
+      from siamese_jax import plots
+      print_mapping(plots.plot_workdir(workdir, output=FLAGS.output, num_pairs=FLAGS.pairs, seed=FLAGS.seed,
+                                       batch_size=FLAGS.batch_size, **common))
   except UserError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
+
+
+def integers(values: list[str], name: str) -> tuple[int, ...]:
+  from siamese_jax.errors import UserError
+  try:
+    parsed = tuple(int(v) for v in values)
+  except ValueError:
+    parsed = ()
+  if not parsed or min(parsed) < 1:
+    raise UserError(f"--{name}={','.join(values)}: expected comma-separated positive integers, e.g. --{name}=5,20.")
+  return parsed
+
+
+def require(mode: str, **values) -> None:
+  from siamese_jax.errors import UserError
+  missing = [f"--{name}" for name, value in values.items() if not value]
+  if missing:
+    raise UserError(f"--mode={mode} needs {' and '.join(missing)}.")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -97,14 +192,51 @@ def unknown_override_message(argv: list[str]) -> str | None:
 
 
 def print_results(results: dict) -> None:
-  lines = [f"Results at step {results.get('step')}:"]
-  if "lake_runs" in results:
+  checkpoint = results.get("checkpoint")
+  where = f" ({checkpoint['path']}, {checkpoint['selected_by']})" if checkpoint else ""
+  lines = [f"Results at step {results.get('step')}{where}:"]
+  if "accuracy" in results.get("lake_runs", {}):
     lines.append(f"  Lake's 20 runs (20-way 1-shot, within alphabet): {100 * results['lake_runs']['accuracy']:.1f} %")
   for mode, settings in results.get("episodes", {}).items():
     for setting, value in settings.items():
       if "mean" in value:
         lines.append(f"  {mode:>12} {setting:>10}: {100 * value['mean']:.1f} % +- {100 * value['ci95']:.1f}")
+      else:
+        lines.append(f"  {mode:>12} {setting:>10}: skipped ({value.get('skipped')})")
+  if "verification" in results:
+    test, threshold = results["verification"]["test"], results["verification"]["threshold"]
+    lines.append(f"  verification: ROC-AUC {test['roc_auc']:.4f}, EER {100 * test['eer']:.2f} %, accuracy "
+                 f"{100 * test['accuracy_at_threshold']:.1f} % at the {threshold['scoring']} threshold "
+                 f"{threshold['threshold']:.4g} (calibrated on {threshold['calibrated_on']} pairs)")
+  if "retrieval" in results:
+    retrieval = results["retrieval"]
+    recall = ", ".join(f"R@{k} {100 * v:.1f} %" for k, v in retrieval["recall_at_k"].items())
+    lines.append(f"  retrieval: P@1 {100 * retrieval['precision_at_1']:.1f} %, {recall}, "
+                 f"MAP@R {100 * retrieval['map_at_r']:.1f} %")
+  if "known_accuracy" in results.get("open_set", {}):
+    open_set = results["open_set"]
+    lines.append(f"  open set: known accuracy {100 * open_set['known_accuracy']:.1f} %, unknown rejected "
+                 f"{100 * open_set['unknown_rejection_rate']:.1f} %")
+  if "seconds" in results:
+    lines.append(f"  took {results['seconds']['total']:.1f} s")
+  if "written" in results:
+    lines.append(f"  written to {results['written']}")
   print("\n".join(lines), flush=True)
+
+
+def print_mapping(result: dict, indent: str = "") -> None:
+  """A mode's summary dict, one `key: value` per line (nested dicts indented)."""
+  for key, value in result.items():
+    if isinstance(value, dict):
+      print(f"{indent}{key}:")
+      print_mapping(value, indent + "  ")
+    elif isinstance(value, list):
+      print(f"{indent}{key}: " + ("" if value else "[]"))
+      for item in value:
+        print(f"{indent}  - {item}")
+    else:
+      print(f"{indent}{key}: {value:.6g}" if isinstance(value, float) else f"{indent}{key}: {value}")
+  sys.stdout.flush()
 
 
 if __name__ == "__main__":

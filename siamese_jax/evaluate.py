@@ -415,13 +415,21 @@ def lake_runs_mhd_baseline(runs: Sequence) -> dict:
   """Lake's modified-Hausdorff baseline through the same scoring as the models: 38.8 % error published.
 
   Images must be the originals (105 x 105, ink = 255): resizing moves ink pixels and changes the score.
+  Each image's k-d tree is built once and queried by all 20 images it is compared with.
   """
+  from scipy.spatial import cKDTree
   costs = []
   for run in runs:
     training = [ink_coordinates(image) for image in run.training]
     test = [ink_coordinates(image) for image in run.test]
-    costs.append(np.array([[modified_hausdorff_distance(item, image) for image in training]
-                           for item in test]))
+    training_trees = [cKDTree(points) if len(points) else None for points in training]
+    test_trees = [cKDTree(points) if len(points) else None for points in test]
+    cost = np.full((len(test), len(training)), np.inf)
+    for i, (item, item_tree) in enumerate(zip(test, test_trees)):
+      for c, (image, image_tree) in enumerate(zip(training, training_trees)):
+        if item_tree is not None and image_tree is not None:
+          cost[i, c] = max(image_tree.query(item)[0].mean(), item_tree.query(image)[0].mean())
+    costs.append(cost)
   return lake_runs_from_costs(runs, costs)
 
 
@@ -488,21 +496,25 @@ def _split_scores(similarities, same) -> tuple[np.ndarray, np.ndarray]:
   return positives, negatives
 
 
+def _roc_counts(similarities, same) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+  """(false accepts, true accepts, thresholds, positives, negatives) with thresholds decreasing from +inf."""
+  positives, negatives = _split_scores(similarities, same)
+  values = np.unique(np.concatenate([positives, negatives]))[::-1]
+  # Accepted at t = values[i]: every score >= t, i.e. all but those strictly below.
+  true_accepts = len(positives) - np.searchsorted(np.sort(positives), values, side="left")
+  false_accepts = len(negatives) - np.searchsorted(np.sort(negatives), values, side="left")
+  return (np.concatenate([[0], false_accepts]), np.concatenate([[0], true_accepts]),
+          np.concatenate([[np.inf], values]), len(positives), len(negatives))
+
+
 def roc_curve(similarities: np.ndarray, same: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(false accept rates, true accept rates, thresholds), thresholds decreasing from +inf.
 
   At threshold t a pair is accepted as "same" when its similarity >= t; one point per distinct
   similarity, plus (0, 0) at +inf, ending at (1, 1).
   """
-  positives, negatives = _split_scores(similarities, same)
-  values = np.unique(np.concatenate([positives, negatives]))[::-1]
-  # Accepted at t = values[i]: every score >= t, i.e. all but those strictly below.
-  positive_sorted, negative_sorted = np.sort(positives), np.sort(negatives)
-  true_accepts = len(positives) - np.searchsorted(positive_sorted, values, side="left")
-  false_accepts = len(negatives) - np.searchsorted(negative_sorted, values, side="left")
-  far = np.concatenate([[0.0], false_accepts / len(negatives)])
-  tar = np.concatenate([[0.0], true_accepts / len(positives)])
-  return far, tar, np.concatenate([[np.inf], values])
+  false_accepts, true_accepts, thresholds, num_positives, num_negatives = _roc_counts(similarities, same)
+  return false_accepts / num_negatives, true_accepts / num_positives, thresholds
 
 
 def roc_auc(similarities: np.ndarray, same: np.ndarray) -> float:
@@ -515,11 +527,14 @@ def equal_error_rate(similarities: np.ndarray, same: np.ndarray) -> tuple[float,
   """(EER, threshold): where the false accept rate equals the false reject rate on the ROC curve.
 
   Between two ROC points the rates are interpolated linearly; the threshold returned is the first one
-  (from the strict end) at which false accepts reach false rejects.
+  (from the strict end) at which false accepts reach false rejects. The crossing is found in integer
+  counts, so equal rates are found equal (1/3 - (1 - 2/3) is not 0 in floating point).
   """
-  far, tar, thresholds = roc_curve(similarities, same)
-  frr = 1.0 - tar
-  gap = far - frr  # rises from -1 at (0, 0) to +1 at (1, 1)
+  false_accepts, true_accepts, thresholds, num_positives, num_negatives = _roc_counts(similarities, same)
+  false_rejects = num_positives - true_accepts
+  # far - frr, times positives * negatives: rises from -P*N at (0, 0) to +P*N at (1, 1).
+  gap = false_accepts * num_positives - false_rejects * num_negatives
+  far = false_accepts / num_negatives
   i = int(np.argmax(gap >= 0))
   if gap[i] == 0 or i == 0:
     return float(far[i]), float(thresholds[i])

@@ -185,3 +185,202 @@ def test_one_shot_report_runs_what_it_can_and_records_the_rest():
   assert report["within"]["2way1shot"] == {"mean": 1.0, "ci95": 0.0, "episodes": 4}
   assert "need a group with 5 classes" in report["within"]["5way1shot"]["skipped"]
   assert report["unstructured"]["5way1shot"]["mean"] == 1.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Pair scoring, verification, retrieval, gallery and open set: values worked out by hand.
+
+
+def product_probability(first, second):
+  """A fake pair head: sigmoid of the product of 1-D embeddings (it prefers large same-sign values)."""
+  return jnp.asarray(1 / (1 + jnp.exp(-(first[:, 0] * second[:, 0]))))
+
+
+def test_pair_head_episodes_use_the_probability_not_the_distance():
+  # Shots: class 0 at 1.0, class 1 at 3.0. Query of class 0 at 0.9: nearest shot 1.0 (right), but
+  # products 0.9 vs 2.7, so the head says class 1 (wrong). Query of class 1 at -2: nearest 1.0 (wrong,
+  # 3 vs 5), products -2 vs -6: the head says class 0 (wrong). Distance: 1/2; head: 0.
+  embeddings = np.array([[1.0], [3.0], [0.9], [-2.0]], np.float32)
+  episode = episodes(support=[[[0], [1]]], query=[[[2], [3]]])
+  np.testing.assert_array_equal(evaluate.episode_accuracies(embeddings, episode), [0.5])
+  np.testing.assert_array_equal(evaluate.episode_accuracies(embeddings, episode, pair_score_fn=product_probability),
+                                [0.0])
+  np.testing.assert_array_equal(evaluate.episode_predictions(embeddings, episode, pair_score_fn=product_probability),
+                                [[[1], [0]]])
+
+
+def test_pair_scores_in_small_chunks_equal_one_chunk(monkeypatch):
+  rng = np.random.default_rng(0)
+  embeddings = rng.normal(size=(9, 4)).astype(np.float32)
+  first, second = rng.integers(0, 9, 23), rng.integers(0, 9, 23)
+  whole = evaluate.score_index_pairs(embeddings, first, second)
+  np.testing.assert_allclose(whole, -np.linalg.norm(embeddings[first] - embeddings[second], axis=1), rtol=1e-6)
+  monkeypatch.setattr(evaluate, "_PAIR_CHUNK_FLOATS", 4 * 5)  # 5 pairs per chunk: 5 chunks, the last padded
+  np.testing.assert_allclose(evaluate.score_index_pairs(embeddings, first, second), whole, rtol=1e-6)
+  matrix = evaluate.similarity_matrix(embeddings[:3], embeddings[3:])
+  np.testing.assert_allclose(matrix, -np.linalg.norm(embeddings[:3, None] - embeddings[None, 3:], axis=2), rtol=1e-5)
+
+
+def test_sample_pairs_are_balanced_right_and_deterministic():
+  labels, _ = grouped_labels()
+  pairs = evaluate.sample_pairs(labels, num_pairs=401, seed=3)
+  assert pairs.same.sum() == 200 and (~pairs.same).sum() == 201
+  np.testing.assert_array_equal(labels[pairs.first] == labels[pairs.second], pairs.same)
+  assert np.all(pairs.first[pairs.same] != pairs.second[pairs.same])  # never an image with itself
+  again = evaluate.sample_pairs(labels, num_pairs=401, seed=3)
+  np.testing.assert_array_equal(pairs.first, again.first)
+  np.testing.assert_array_equal(pairs.second, again.second)
+  # Every class of 9 shows up among the different pairs' second images (uniform over other classes).
+  assert len(set(labels[pairs.second[~pairs.same]])) == 9
+  with pytest.raises(UserError, match="at least 2 classes"):
+    evaluate.sample_pairs(np.zeros(5, int), num_pairs=10, seed=0)
+  with pytest.raises(UserError, match="a class with at least 2 images"):
+    evaluate.sample_pairs(np.arange(5), num_pairs=10, seed=0)
+
+
+# Same pairs score 0.9, 0.6, 0.4; different pairs 0.7, 0.3, 0.1 (similarity: higher = more alike).
+SIMILARITIES = np.array([0.9, 0.6, 0.4, 0.7, 0.3, 0.1])
+SAME = np.array([True, True, True, False, False, False])
+
+
+def test_roc_auc_and_equal_error_rate_by_hand():
+  # AUC = P(same > different): 0.9 beats all 3, 0.6 and 0.4 beat 0.3 and 0.1: 7 of 9 pairs.
+  assert evaluate.roc_auc(SIMILARITIES, SAME) == pytest.approx(7 / 9)
+  far, tar, thresholds = evaluate.roc_curve(SIMILARITIES, SAME)
+  np.testing.assert_allclose(far, [0, 0, 1 / 3, 1 / 3, 1 / 3, 2 / 3, 1])
+  np.testing.assert_allclose(tar, [0, 1 / 3, 1 / 3, 2 / 3, 1, 1, 1])
+  np.testing.assert_allclose(thresholds, [np.inf, 0.9, 0.7, 0.6, 0.4, 0.3, 0.1])
+  # At threshold 0.6: false accepts {0.7} = 1/3, false rejects {0.4} = 1/3: equal.
+  eer, threshold = evaluate.equal_error_rate(SIMILARITIES, SAME)
+  assert eer == pytest.approx(1 / 3) and threshold == 0.6
+  # Perfect separation: no error at threshold 0.8 (both rates 0).
+  assert evaluate.equal_error_rate(np.array([0.9, 0.8, 0.2, 0.1]), np.array([1, 1, 0, 0], bool))[0] == 0.0
+  assert evaluate.roc_auc(np.array([0.5, 0.5]), np.array([True, False])) == 0.5  # a tie counts half
+
+
+def test_equal_error_rate_interpolates_between_roc_points():
+  # Same 0.8, 0.6; different 0.7, 0.2, 0.1, 0.05. (far, frr) by threshold: inf (0, 1); 0.8 (0, 1/2);
+  # 0.7 (1/4, 1/2); 0.6 (1/4, 0). Between 0.7 and 0.6 the gap far - frr goes -1/4 -> +1/4: crossing
+  # halfway, where far = 1/4 (it does not move on that segment): EER = 1/4, first threshold 0.6.
+  similarities = np.array([0.8, 0.6, 0.7, 0.2, 0.1, 0.05])
+  same = np.array([True, True, False, False, False, False])
+  eer, threshold = evaluate.equal_error_rate(similarities, same)
+  assert eer == pytest.approx(0.25) and threshold == 0.6
+
+
+def test_calibrated_thresholds_by_hand():
+  # Max accuracy: between 0.3 and 0.4 (0.35) accepts 0.9, 0.6, 0.4 and 0.7: 5 of 6 right; no
+  # threshold does better.
+  threshold = evaluate.calibrate_threshold(SIMILARITIES, SAME, "max_accuracy")
+  assert threshold == pytest.approx(0.35)
+  assert evaluate.rates_at_threshold(SIMILARITIES, SAME, threshold) == pytest.approx(
+      {"accuracy": 5 / 6, "false_accept_rate": 1 / 3, "false_reject_rate": 0.0})
+  # Target false accept rate 0.34 of 3 different pairs: one may be accepted (0.7); the highest rejected
+  # is 0.3, the next score above it 0.4: threshold 0.35. Target 0.2: none accepted, threshold midway
+  # between 0.7 and 0.9 = 0.8.
+  assert evaluate.calibrate_threshold(SIMILARITIES, SAME, "far", target_far=0.34) == pytest.approx(0.35)
+  assert evaluate.calibrate_threshold(SIMILARITIES, SAME, "far", target_far=0.2) == pytest.approx(0.8)
+  report = evaluate.verification_report(SIMILARITIES, SAME, 0.8)
+  assert report["accuracy_at_threshold"] == pytest.approx(4 / 6)
+  assert report["false_reject_rate_at_threshold"] == pytest.approx(2 / 3)
+  with pytest.raises(UserError, match="threshold method 'eer'"):
+    evaluate.calibrate_threshold(SIMILARITIES, SAME, "eer")
+  with pytest.raises(UserError, match="both same and different pairs"):
+    evaluate.roc_auc(SIMILARITIES[:3], SAME[:3])
+  # Distances for people: a similarity threshold of -2.5 is "distance <= 2.5", and back.
+  record = evaluate.threshold_record(-2.5, "distance")
+  assert record["threshold"] == 2.5 and evaluate.similarity_threshold(record) == -2.5
+  assert evaluate.similarity_threshold(evaluate.threshold_record(0.7, "pair_head")) == 0.7
+
+
+def test_retrieval_metrics_by_hand():
+  # Record:  0    1    2    3    4    5
+  # Value:   0    1   2.5  4.2   3   10
+  # Class:   A    A    B    A    B    C   (C has no other record: left out)
+  # Neighbours (nearest first) and R (other records of the class):
+  #   0: 1(A) 2(B) 4(B) 3(A)  R=2, top 2 = [A, B]: AP = (1/2)(1/1) = 1/2, P@1 hit
+  #   1: 0(A) 2(B) 4(B) 3(A)  R=2: AP 1/2, P@1 hit
+  #   2: 4(B) 1(A) 3(A) 0(A)  R=1: AP 1, hit
+  #   3: 4(B) 2(B) 1(A) 0(A)  R=2, top 2 = [B, B]: AP 0, miss; recall@3 hit (1 is third)
+  #   4: 2(B) 3(A) 1(A) 0(A)  R=1: AP 1, hit
+  # P@1 = 4/5; MAP@R = (1/2 + 1/2 + 1 + 0 + 1) / 5 = 3/5; recall@2 = 4/5; recall@3 = 1.
+  embeddings = np.array([[0.0], [1.0], [2.5], [4.2], [3.0], [10.0]])
+  labels = np.array([0, 0, 1, 0, 1, 2])
+  for chunk_size in (1024, 2):  # one chunk, and three chunks
+    metrics = evaluate.retrieval_metrics(embeddings, labels, ks=(1, 2, 3), chunk_size=chunk_size)
+    assert metrics["precision_at_1"] == pytest.approx(4 / 5)
+    assert metrics["map_at_r"] == pytest.approx(3 / 5)
+    assert metrics["recall_at_k"] == pytest.approx({"1": 4 / 5, "2": 4 / 5, "3": 1.0})
+    assert metrics["queries"] == 5
+
+
+def test_gallery_nearest_centroid_and_medoid_by_hand():
+  # Gallery (1-D): class 0 at 0 and 2; class 1 at 5, 6 and 10. Query at 3.4.
+  # nearest: class 0's 2 is 1.4 away, class 1's 5 is 1.6 away -> class 0.
+  # centroid: class 0 at 1 (2.4 away), class 1 at 7 (3.6 away) -> class 0.
+  # medoid: class 0's two images tie (summed distance 2 each): the first, 0 (3.4 away); class 1: summed
+  # distances 5 -> 1 + 5 = 6, 6 -> 1 + 4 = 5, 10 -> 5 + 4 = 9, so 6 (2.6 away) -> class 1.
+  gallery = np.array([[0.0], [2.0], [5.0], [6.0], [10.0]])
+  labels = np.array([0, 0, 1, 1, 1])
+  query = np.array([[3.4]])
+  expected = {"nearest": [-1.4, -1.6], "centroid": [-2.4, -3.6], "medoid": [-3.4, -2.6]}
+  for method, similarities in expected.items():
+    np.testing.assert_allclose(evaluate.gallery_class_similarities(query, gallery, labels, 2, method),
+                               [similarities], rtol=1e-6)
+  _, medoids = evaluate.class_representatives(gallery, labels, 2, "medoid")
+  np.testing.assert_array_equal(medoids, [0, 3])
+  with pytest.raises(UserError, match="class 1 has no gallery images"):
+    evaluate.gallery_class_similarities(query, gallery[:2], labels[:2], 2, "nearest")
+  with pytest.raises(UserError, match="class 1 has no images"):
+    evaluate.class_representatives(gallery[:2], labels[:2], 2, "centroid")
+
+
+def test_open_set_report_by_hand():
+  # Threshold: similarity -2.5 (distance 2.5). Query 0 (class 0): best class 0 at -1, accepted, right.
+  # Query 1 (class 0): best class 1 at -2, accepted, wrong. Query 2 (unknown): best -5, rejected.
+  # Query 3 (unknown): best -0.5, accepted (a miss).
+  similarities = np.array([[-1.0, -3.0], [-4.0, -2.0], [-5.0, -6.0], [-0.5, -0.7]])
+  report = evaluate.open_set_report(similarities, np.array([0, 0, -1, -1]), threshold=-2.5)
+  assert report == {"known_queries": 2, "unknown_queries": 2, "known_accuracy": 0.5,
+                    "closed_set_accuracy": 0.5, "known_rejection_rate": 0.0, "unknown_rejection_rate": 0.5}
+
+
+def test_open_set_split_is_disjoint_and_deterministic():
+  labels, _ = grouped_labels()  # 9 classes of 4
+  gallery, gallery_labels, queries, query_labels = evaluate.open_set_split(labels, gallery_shots=1, seed=0)
+  assert len(gallery) == 4 and len(set(gallery) | set(queries)) == len(labels)  # round(4.5) = 4 known
+  assert sorted(gallery_labels) == [0, 1, 2, 3]
+  assert np.sum(query_labels >= 0) == 4 * 3 and np.sum(query_labels < 0) == 5 * 4
+  known_old = np.unique(labels[gallery])
+  np.testing.assert_array_equal(known_old[query_labels[query_labels >= 0]], labels[queries[query_labels >= 0]])
+  again = evaluate.open_set_split(labels, gallery_shots=1, seed=0)
+  np.testing.assert_array_equal(gallery, again[0])
+  with pytest.raises(UserError, match="needs 5 images in every known class"):
+    evaluate.open_set_split(labels, gallery_shots=4, seed=0)
+
+
+def test_episode_settings_larger_than_the_split_are_explained():
+  labels, class_groups = grouped_labels()  # 9 classes of 4 images
+  with pytest.raises(UserError, match=r"ways=20: test split has 9 classes; N must lie in \[2, 9\]"):
+    evaluate.check_episode_settings(labels, class_groups, ways=(5, 20), shots=(1,), queries=1)
+  with pytest.raises(UserError, match="shots=5: 5-shot episodes with 1 queries per class need 6 images per "
+                                      "class, but class 0 of the test split has 4; K can be at most 3"):
+    evaluate.check_episode_settings(labels, class_groups, ways=(5,), shots=(1, 5), queries=1)
+  evaluate.check_episode_settings(labels, class_groups, ways=(5, 9), shots=(1, 3), queries=1)
+
+
+def test_lake_scoring_takes_the_first_of_tied_costs():
+  # Lake's np.argmin: item 0 ties between training images 0 and 1 and gets 0 (its answer is 1: wrong);
+  # item 1 goes to 1 (right). One run at 1/2: accuracy 0.5, error 50 %.
+  run = LakeRun("run01", one_pixel([0, 0]), one_pixel([0, 0]), np.array([1, 1]))
+  result = evaluate.lake_runs_from_costs([run], [np.array([[1.0, 1.0], [2.0, 0.0]])])
+  assert result["per_run"] == [0.5] and result["error_percent"] == 50.0
+
+
+def test_modified_hausdorff_distance_by_hand():
+  # A = {(0, 0)}, B = {(0, 0), (0, 3)}: A -> B mean nearest distance 0; B -> A: (0 + 3) / 2 = 1.5.
+  assert evaluate.modified_hausdorff_distance(np.array([[0.0, 0.0]]), np.array([[0.0, 0.0], [0.0, 3.0]])) == 1.5
+  image = np.zeros((4, 5, 1), np.uint8)
+  image[1, 1] = image[1, 3] = 255  # ink at (1, 1) and (1, 3); mean (1, 2)
+  np.testing.assert_array_equal(evaluate.ink_coordinates(image), [[0.0, -1.0], [0.0, 1.0]])
+  assert evaluate.modified_hausdorff_distance(evaluate.ink_coordinates(image[:0]), np.zeros((1, 2))) == np.inf

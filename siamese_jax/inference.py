@@ -177,7 +177,7 @@ def restore_variables(step_dir: pathlib.Path, params: Any, model_state: Any) -> 
   if stored != expected:
     absl_logger.removeFilter(quiet)
     differences = []
-    for name in sorted(set(stored) | set(expected)):
+    for name in sorted(set(stored) | set(expected), key=lambda n: (not n.startswith("params."), n)):  # weights first
       if stored.get(name) != expected.get(name):
         have = "missing" if name not in stored else f"{stored[name][0]} {stored[name][1]}"
         want = "absent" if name not in expected else f"{expected[name][0]} {expected[name][1]}"

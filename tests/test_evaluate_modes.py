@@ -1,0 +1,404 @@
+"""Evaluation and inference on a trained workdir: the eval, calibrate, compare, gallery and openset modes,
+checkpoint selection, and every bad input of issue 3 item 11 with its message.
+
+The workdir is `tests/trained_workdir.py`'s tiny synthetic run (trained once per session). Modes run
+through `launch.py`: in this process (`run_launch`: the same flag parsing and `main`, without a new
+JAX start) and, for the eval mode, once as a real subprocess.
+"""
+
+import csv
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import ml_collections
+import numpy as np
+import pytest
+from absl import flags
+from PIL import Image
+
+import launch
+from siamese_jax import checkpoint, evaluate, inference, models, train
+from siamese_jax.errors import UserError
+from trained_workdir import TEST_CLASSES, copy_of, smoke_config, trained_workdir
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> pathlib.Path:
+  return trained_workdir(tmp_path_factory)
+
+
+@pytest.fixture
+def own_workdir(workdir, tmp_path) -> pathlib.Path:
+  """A copy the test may write into (eval/ outputs, damaged checkpoints)."""
+  return copy_of(workdir, tmp_path / "run")
+
+
+def run_launch(argv: list[str], capsys) -> tuple[int, str, str]:
+  """launch.py's flag parsing and main in this process: (exit code, stdout, stderr)."""
+  flags.FLAGS.unparse_flags()
+  remaining = launch.parse_flags(["launch.py", *argv])
+  code = 0
+  try:
+    launch.main(remaining)
+  except SystemExit as exit_:
+    code = exit_.code
+  finally:
+    flags.FLAGS.unparse_flags()
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def error_line(code: int, err: str) -> str:
+  assert code == 2, err
+  lines = [line for line in err.splitlines() if line.startswith("error: ")]
+  assert len(lines) == 1, err
+  return lines[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# eval: the results file, its numbers, and the launch.py path
+
+
+def test_eval_mode_writes_results_json(own_workdir):
+  environment = dict(os.environ, JAX_PLATFORMS="cpu")
+  environment.pop("XLA_FLAGS", None)
+  done = subprocess.run([sys.executable, "launch.py", "--mode=eval", f"--workdir={own_workdir}",
+                         "--episodes=100", "--checkpoint=latest"], cwd=REPO, env=environment,
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "Results at step 12" in done.stdout
+  assert "unstructured 20way5shot:" in done.stdout and "+-" in done.stdout
+  assert "verification: ROC-AUC" in done.stdout and "retrieval: P@1" in done.stdout
+  results = json.loads((own_workdir / "eval" / "results.json").read_text())
+  assert results["step"] == 12 and results["checkpoint"]["step"] == 12
+  for ways in (5, 20):
+    for shots in (1, 5):
+      setting = results["episodes"]["unstructured"][f"{ways}way{shots}shot"]
+      assert 0 <= setting["mean"] <= 1 and setting["ci95"] > 0 and setting["episodes"] == 100
+  # 20 test classes in 4 groups: no group has 20, so 20-way within-group episodes are skipped, with why.
+  assert "need a group with 20 classes" in results["episodes"]["within"]["20way1shot"]["skipped"]
+  assert "skipped" in results["lake_runs"]  # synthetic data: no Lake runs
+  assert 0.5 < results["verification"]["test"]["roc_auc"] <= 1
+  assert set(results["retrieval"]) == {"precision_at_1", "recall_at_k", "map_at_r", "queries"}
+  assert results["open_set"]["known_queries"] > 0 and "unknown_rejection_rate" in results["open_set"]
+  threshold = json.loads((own_workdir / "eval" / "threshold.json").read_text())
+  assert threshold == results["verification"]["threshold"]
+  assert threshold["scoring"] == "distance" and threshold["threshold"] > 0
+  assert threshold["calibrated_on"] == "validation" and threshold["step"] == 12
+
+
+def test_eval_episodes_equal_the_training_report(own_workdir):
+  # The training run's own final report scored 50 seeded 5-way 1-shot episodes on the final (step 12)
+  # parameters; the eval of the restored step-12 checkpoint must score exactly the same.
+  trained = json.loads((own_workdir / "results.json").read_text())
+  results = evaluate.evaluate_workdir(own_workdir, checkpoint="latest", ways=(5,), shots=(1,),
+                                      num_episodes=50, num_pairs=200, progress=False)
+  assert results["episodes"] == trained["episodes"]
+
+
+def test_eval_settings_larger_than_the_split_are_explained(workdir):
+  with pytest.raises(UserError, match=f"ways=50: test split has {TEST_CLASSES} classes"):
+    evaluate.evaluate_workdir(workdir, ways=(5, 50), shots=(1,), progress=False)
+  with pytest.raises(UserError, match="shots=30: 30-shot episodes with 1 queries per class need 31 images per "
+                                      "class, but class 0 of the test split has 20; K can be at most 19"):
+    evaluate.evaluate_workdir(workdir, ways=(5,), shots=(1, 30), progress=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints: selection, and a missing, mismatched or damaged one
+
+
+def test_checkpoint_selection(workdir):
+  steps = inference.checkpoint_steps(workdir / "checkpoints")
+  assert steps == [6, 12]
+  accuracies = {s: json.loads((workdir / "checkpoints" / str(s) / "metrics" / "metrics").read_text())
+                ["validation_accuracy"] for s in steps}
+  best = max(steps, key=lambda s: (accuracies[s], s))
+  path, step, why = inference.select_checkpoint(workdir, "best")
+  assert (path, step) == (workdir / "checkpoints" / str(best), best)
+  assert why.startswith("best validation accuracy")
+  assert inference.select_checkpoint(workdir, "latest")[1] == 12
+  assert inference.select_checkpoint(workdir, "6")[:2] == (workdir / "checkpoints" / "6", 6)
+  assert inference.select_checkpoint(None, workdir / "checkpoints" / "6" / "state")[1] == 6
+
+
+def test_best_falls_back_to_latest_without_validation(own_workdir):
+  for step in (6, 12):
+    shutil.rmtree(own_workdir / "checkpoints" / str(step) / "metrics")
+  assert inference.select_checkpoint(own_workdir, "best")[1:] == (12, "latest (no checkpoint has a validation "
+                                                                      "accuracy)")
+
+
+def test_missing_checkpoints_are_explained(workdir, tmp_path, capsys):
+  empty = tmp_path / "untrained"
+  empty.mkdir()
+  (empty / "config.json").write_text((workdir / "config.json").read_text())
+  code, _, err = run_launch(["--mode=eval", f"--workdir={empty}"], capsys)
+  line = error_line(code, err)
+  assert f"{empty / 'checkpoints'}: no checkpoint there. Train first" in line
+  with pytest.raises(UserError, match=r"checkpoint step 7 is not in .*; it holds steps \[6, 12\]"):
+    inference.load_trained_model(workdir, checkpoint="7")
+  with pytest.raises(UserError, match=r"has no 'state' item, so it is not a checkpoint step directory .* "
+                                      r"it holds steps \[6, 12\]: pass .*checkpoints/12"):
+    inference.load_trained_model(workdir, checkpoint=str(workdir / "checkpoints"))
+  with pytest.raises(UserError, match="not 'best', 'latest', a step number, or an existing checkpoint directory"):
+    inference.load_trained_model(workdir, checkpoint=str(tmp_path / "nowhere"))
+  with pytest.raises(UserError, match=r"workdir .*nowhere: not found"):
+    inference.load_trained_model(tmp_path / "nowhere")
+
+
+def test_checkpoint_without_its_config_needs_one(workdir, tmp_path):
+  lone = tmp_path / "lone" / "12"
+  shutil.copytree(workdir / "checkpoints" / "12", lone)
+  with pytest.raises(UserError, match=r"config.json: not found.*pass --config=<the config file the model was "
+                                      "trained with>"):
+    inference.load_trained_model(checkpoint=str(lone))
+  model = inference.load_trained_model(checkpoint=str(lone), config=smoke_config())
+  assert model.step == 12 and model.selected_by == "given path"
+
+
+def test_mismatched_checkpoint_lists_the_differences(workdir):
+  config = smoke_config()
+  config.model.width = 32  # the checkpoint's conv4 has 64 channels
+  with pytest.raises(UserError) as error:
+    inference.load_trained_model(workdir, config=config)
+  message = str(error.value)
+  assert "does not match the model the config builds" in message
+  assert "params.convs.0.kernel.value: checkpoint (3, 3, 1, 64) float32, model from config (3, 3, 1, 32) float32" \
+      in message
+  assert "leave out --config" in message
+
+
+def test_damaged_checkpoint_is_explained(own_workdir):
+  (own_workdir / "checkpoints" / "12" / "state" / "_METADATA").unlink()
+  with pytest.raises(UserError, match=r"checkpoints/12: cannot read it .* pick another with --checkpoint"):
+    inference.load_trained_model(own_workdir, checkpoint="latest")
+
+
+def test_restored_model_embeds_like_the_training_state(workdir):
+  # The restored variables reproduce the embeddings of the state the checkpoint holds, read directly.
+  import orbax.checkpoint as ocp
+  model = inference.load_trained_model(workdir, checkpoint="latest")
+  raw = ocp.StandardCheckpointer().restore((workdir / "checkpoints" / "12" / "state").absolute())
+  kernel = np.asarray(model.variables[0]["convs"][0]["kernel"].value)
+  np.testing.assert_array_equal(kernel, raw["params"]["convs"]["0"]["kernel"]["value"])
+  images = np.random.default_rng(0).integers(0, 256, (3, 28, 28, 1), dtype=np.uint8)
+  assert model.embed(images).shape == (3, 64)
+
+
+# ------------------------------------------------------------------------------------------------
+# Images of the wrong size, channels or type
+
+
+def test_images_of_another_size_or_channels_are_resized_and_wrong_types_explained(workdir):
+  model = inference.load_trained_model(workdir)
+  rgb = np.random.default_rng(0).integers(0, 256, (2, 40, 50, 3), dtype=np.uint8)
+  assert inference.prepare_images(rgb, (28, 28, 1)).shape == (2, 28, 28, 1)
+  assert model.embed(rgb).shape == (2, 64)
+  assert inference.prepare_images(rgb[0, :, :, 0], (28, 28, 1)).shape == (1, 28, 28, 1)  # one [H, W] image
+  with pytest.raises(UserError, match=r"images: dtype float32; expected uint8 pixels 0..255 .* "
+                                      r"\(x \* 255\).round\(\).astype\(np.uint8\)"):
+    model.embed(rgb.astype(np.float32) / 255)
+  with pytest.raises(UserError, match=r"shape \(2, 28, 28, 2\); expected \[N, H, W, C\] with C = 1, 3 or 4"):
+    model.embed(np.zeros((2, 28, 28, 2), np.uint8))
+
+
+# ------------------------------------------------------------------------------------------------
+# compare, gallery, openset on Omniglot evaluation images and on a folder dataset
+
+
+@pytest.fixture(scope="module")
+def omniglot_folders(omniglot_dir, tmp_path_factory) -> pathlib.Path:
+  """gallery/<character>/ (2 drawings each of 4 Angelic characters) and queries/<character>/ (3 other
+  drawings of those 4 and of 2 characters the gallery lacks), copied from images_evaluation.zip."""
+  root = tmp_path_factory.mktemp("omniglot_images")
+  with zipfile.ZipFile(omniglot_dir / "images_evaluation.zip") as archive:
+    names = sorted(n for n in archive.namelist() if n.startswith("images_evaluation/Angelic/") and n.endswith(".png"))
+    for i, character in enumerate(f"character{c:02d}" for c in range(1, 7)):
+      drawings = [n for n in names if f"/{character}/" in n]
+      for part, chosen in (("gallery", drawings[:2] if i < 4 else []), ("queries", drawings[2:5])):
+        for name in chosen:
+          target = root / part / character / pathlib.Path(name).name
+          target.parent.mkdir(parents=True, exist_ok=True)
+          target.write_bytes(archive.read(name))
+  return root
+
+
+@pytest.fixture(scope="module")
+def colour_folders(tmp_path_factory) -> pathlib.Path:
+  """A folder dataset of 64x48 RGB images: 3 classes of coloured stripes, plus 1 class the gallery lacks."""
+  root = tmp_path_factory.mktemp("colour_images")
+  rng = np.random.default_rng(0)
+  for c, name in enumerate(["red", "green", "blue", "grey"]):
+    for i in range(5):
+      image = rng.integers(0, 40, (48, 64, 3), dtype=np.uint8)
+      image[:, 8 * c: 8 * c + 16, c % 3] = 255
+      part = "gallery" if i < 2 and name != "grey" else "queries"
+      (root / part / name).mkdir(parents=True, exist_ok=True)
+      Image.fromarray(image).save(root / part / name / f"{name}{i}.png")
+  return root
+
+
+def read_csv(path: pathlib.Path) -> list[dict]:
+  with path.open() as file:
+    return list(csv.DictReader(file))
+
+
+def test_compare_on_omniglot_images(own_workdir, omniglot_folders, capsys):
+  same = sorted((omniglot_folders / "queries" / "character01").iterdir())
+  other = sorted((omniglot_folders / "queries" / "character02").iterdir())
+  code, out, _ = run_launch(["--mode=compare", f"--workdir={own_workdir}", f"--image1={same[0]}",
+                             f"--image2={same[1]}", "--invert=yes"], capsys)
+  assert code == 0
+  assert "decision: None" in out and "no calibrated threshold" in out
+  assert "105x105 (PIL mode 1) resized/converted to the model's 28x28x1" in out
+  result = inference.compare_images(own_workdir, same[0], other[0], invert="yes", threshold=1e9)
+  assert result["decision"] == "same"  # any distance is below 1e9
+  model = inference.load_trained_model(own_workdir)
+  images = np.stack([inference.load_image_file(p, (28, 28, 1), invert=True)[0] for p in (same[0], other[0])])
+  embeddings = model.embed(images)
+  assert result["distance"] == pytest.approx(float(np.linalg.norm(embeddings[0] - embeddings[1])), rel=1e-5)
+  code, out, _ = run_launch(["--mode=calibrate", f"--workdir={own_workdir}", "--pairs=400"], capsys)
+  assert code == 0 and "written:" in out
+  threshold = json.loads((own_workdir / "eval" / "threshold.json").read_text())["threshold"]
+  result = inference.compare_images(own_workdir, same[0], other[0], invert="yes")
+  assert result["threshold"] == threshold
+  assert result["decision"] == ("same" if result["distance"] <= threshold else "different")
+
+
+@pytest.mark.parametrize("method", ["nearest", "centroid", "medoid"])
+def test_gallery_on_omniglot_images(own_workdir, omniglot_folders, method, capsys):
+  output = own_workdir / f"predictions_{method}.csv"
+  code, out, _ = run_launch(["--mode=gallery", f"--workdir={own_workdir}", f"--gallery={omniglot_folders / 'gallery'}",
+                             f"--queries={omniglot_folders / 'queries'}", f"--method={method}", "--invert=yes",
+                             f"--output={output}"], capsys)
+  assert code == 0, out
+  assert f"csv: {output}" in out and "gallery_classes: 4" in out and "unknown_class_queries: 6" in out
+  rows = read_csv(output)
+  assert len(rows) == 18
+  assert list(rows[0]) == ["query", "predicted", "distance", "runner_up", "runner_up_distance", "true_class", "correct"]
+  # The CSV's distance is the distance to the predicted class, recomputed here from the embeddings.
+  model = inference.load_trained_model(own_workdir)
+  gallery = inference.load_gallery(omniglot_folders / "gallery", model.image_shape, invert=True)
+  queries = inference.load_queries(omniglot_folders / "queries", model.image_shape, invert=True)
+  similarities = evaluate.gallery_class_similarities(model.embed(queries.images), model.embed(gallery), gallery.labels,
+                                                     4, method)
+  for row, scores in zip(rows, similarities):
+    assert row["predicted"] == gallery.class_names[int(np.argmax(scores))]
+    assert float(row["distance"]) == pytest.approx(-scores.max(), rel=1e-4)
+    known = row["true_class"] in gallery.class_names
+    assert row["correct"] == (str(int(row["predicted"] == row["true_class"])) if known else "")
+
+
+def test_open_set_on_omniglot_images(own_workdir, omniglot_folders, capsys):
+  arguments = [f"--workdir={own_workdir}", f"--gallery={omniglot_folders / 'gallery'}",
+               f"--queries={omniglot_folders / 'queries'}", "--invert=yes"]
+  code, _, err = run_launch(["--mode=openset", *arguments], capsys)
+  assert "no calibrated threshold. Run `python launch.py --mode=calibrate" in error_line(code, err)
+  code, out, _ = run_launch(["--mode=openset", *arguments, "--threshold=4.0"], capsys)
+  assert code == 0, out
+  assert "known_queries: 12" in out and "unknown_queries: 6" in out and "unknown_rejection_rate:" in out
+  rows = read_csv(own_workdir / "eval" / "openset_nearest.csv")
+  for row in rows:
+    accepted = float(row["distance"]) <= 4.0
+    assert row["decision"] == (row["predicted"] if accepted else "unknown")
+    if row["true_class"] in ("character05", "character06"):  # not in the gallery: right when rejected
+      assert row["correct"] == str(int(not accepted))
+  flat = own_workdir / "flat_queries"
+  flat.mkdir()
+  shutil.copy(next((omniglot_folders / "queries" / "character01").iterdir()), flat / "query.png")
+  code, _, err = run_launch(["--mode=openset", f"--workdir={own_workdir}", f"--gallery={omniglot_folders / 'gallery'}",
+                             f"--queries={flat}", "--threshold=4.0"], capsys)
+  assert "must come in class folders (queries/<class>/<image>)" in error_line(code, err)
+
+
+def test_compare_gallery_and_open_set_on_a_colour_folder_dataset(own_workdir, colour_folders, capsys):
+  red = sorted((colour_folders / "queries" / "red").iterdir())
+  code, out, _ = run_launch(["--mode=compare", f"--workdir={own_workdir}", f"--image1={red[0]}",
+                             f"--image2={red[1]}", "--threshold=100"], capsys)
+  assert code == 0 and "decision: same" in out
+  assert "64x48 (PIL mode RGB) resized/converted to the model's 28x28x1" in out
+  summary = inference.classify_gallery(own_workdir, colour_folders / "gallery", colour_folders / "queries",
+                                       method="centroid")
+  assert summary["gallery_classes"] == 3 and summary["queries"] == 14 and summary["unknown_class_queries"] == 5
+  report = inference.open_set(own_workdir, colour_folders / "gallery", colour_folders / "queries", threshold=0.0)
+  # Distance threshold 0: nothing is accepted, so every unknown query is rejected and no known one is right.
+  assert report["open_set"]["unknown_rejection_rate"] == 1.0 and report["open_set"]["known_accuracy"] == 0.0
+  # Flat query folder (classes unknown): predictions only.
+  summary = inference.classify_gallery(own_workdir, colour_folders / "gallery", colour_folders / "queries" / "red")
+  assert summary["queries"] == 3 and "accuracy" not in summary
+
+
+def test_empty_gallery_class_and_gallery_without_classes_are_explained(own_workdir, colour_folders, tmp_path, capsys):
+  gallery = tmp_path / "gallery"
+  shutil.copytree(colour_folders / "gallery", gallery)
+  (gallery / "empty").mkdir()
+  code, _, err = run_launch(["--mode=gallery", f"--workdir={own_workdir}", f"--gallery={gallery}",
+                             f"--queries={colour_folders / 'queries'}"], capsys)
+  line = error_line(code, err)
+  assert f"gallery: class folder {gallery / 'empty'}: holds no images" in line
+  flat = tmp_path / "flat"
+  flat.mkdir()
+  shutil.copy(next((colour_folders / "gallery" / "red").iterdir()), flat / "one.png")
+  with pytest.raises(UserError, match="holds images but no class folders; a gallery needs one sub-folder per class"):
+    inference.classify_gallery(own_workdir, flat, colour_folders / "queries")
+  code, _, err = run_launch(["--mode=compare", f"--workdir={own_workdir}", f"--image1={flat / 'one.png'}"], capsys)
+  assert error_line(code, err) == "error: --mode=compare needs --image2."
+  code, _, err = run_launch(["--mode=eval", f"--workdir={own_workdir}", "--ways=5,x"], capsys)
+  assert "--ways=5,x: expected comma-separated positive integers" in error_line(code, err)
+
+
+# ------------------------------------------------------------------------------------------------
+# A model with a pair head (Koch): episodes, thresholds and compare score with the head's probability
+
+
+@pytest.fixture(scope="module")
+def koch_workdir(tmp_path_factory) -> pathlib.Path:
+  """A Koch network (65x65, the smallest its valid convolutions take; 32-d features) on synthetic data,
+  saved untrained at step 0 with its config: restoring and scoring do not need a trained one."""
+  from configs import omniglot_koch
+  workdir = tmp_path_factory.mktemp("koch")
+  config = omniglot_koch.get_config("smoke")
+  config.data.source = "synthetic"
+  config.data.synthetic_classes = 40
+  config.data.image_size = 65
+  config.model.embedding_dim = 32
+  built = train.setup(config)
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  saver = checkpoint.Checkpointer(workdir / "checkpoints", asynchronous=False)
+  saver.save(0, built.state, {}, {}, force=True)
+  saver.close()
+  return workdir
+
+
+def test_koch_head_scores_episodes_thresholds_and_compare(koch_workdir, tmp_path):
+  model = inference.load_trained_model(koch_workdir)
+  assert model.has_pair_head and model.step == 0
+  results = evaluate.evaluate_workdir(koch_workdir, ways=(5,), shots=(1, 2), num_episodes=20, num_pairs=200,
+                                      progress=False)
+  assert results["scoring"] == "pair_head"
+  assert results["verification"]["threshold"]["scoring"] == "pair_head"
+  assert 0 < results["verification"]["threshold"]["threshold"] < 1
+  assert 0 <= results["episodes"]["unstructured"]["5way2shot"]["mean"] <= 1
+  # The episode numbers are the head's: recompute one setting from the model's own functions.
+  from siamese_jax.data import pipeline
+  test = pipeline.load_splits(model.config.data, seed=model.config.seed).test
+  embeddings = model.embed(test)
+  episodes = evaluate.sample_episodes(test.labels, test.class_groups, ways=5, shots=1, queries=1, num_episodes=20,
+                                      seed=0, within_group=False)
+  accuracy = evaluate.episode_accuracies(embeddings, episodes, pair_score_fn=model.pair_score_fn).mean()
+  assert results["episodes"]["unstructured"]["5way1shot"]["mean"] == pytest.approx(accuracy)
+  image = tmp_path / "a.png"
+  Image.fromarray(np.asarray(test[0])[..., 0]).save(image)
+  compared = inference.compare_images(koch_workdir, image, image)
+  assert compared["distance"] == 0.0 and 0 < compared["probability"] < 1
+  assert compared["decision"] == ("same" if compared["probability"] >= compared["threshold"] else "different")
+  with pytest.raises(UserError, match="scoring='pair_head' needs a model with a pair head"):
+    evaluate.resolve_scoring("pair_head", has_pair_head=False)

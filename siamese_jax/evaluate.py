@@ -48,7 +48,7 @@ def _image_batch(images, start: int, stop: int) -> np.ndarray:
   cached = getattr(images, "images", None)
   if cached is not None:
     return cached[start:stop]
-  return np.stack([np.asarray(images[i]) for i in range(start, stop)])
+  return np.stack([np.asarray(images[i]) for i in range(start, min(stop, len(images)))])
 
 
 def embedding_batches(embed_fn: Callable, variables, images, batch_size: int = 1024,

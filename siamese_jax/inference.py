@@ -42,6 +42,7 @@ CHECKPOINT_CHOICES = ("best", "latest")
 INVERT_CHOICES = ("auto", "yes", "no")
 _STEP_DIR = re.compile(r"^\d+$")
 _BEST_METRIC = "validation_accuracy"  # what checkpoint.py stores in <step>/metrics/metrics
+PRINTED_PREDICTIONS = 20  # gallery/openset summaries list this many predictions; the CSV has them all
 
 
 # --------------------------------------------------------------------------------------------------
@@ -527,6 +528,12 @@ def classify_gallery(workdir: str | os.PathLike, gallery: str | os.PathLike, que
   summary: dict[str, Any] = {"queries": len(rows), "gallery_classes": num_classes,
                              "gallery_images": len(gallery_source), "method": method, "scoring": scoring,
                              "csv": str(output), "step": model.step}
+  shown = min(len(rows), PRINTED_PREDICTIONS)
+  summary["predictions"] = [
+      f"{query_set.file_ids[q]} -> {names[best[q]] if accepted is None or accepted[q] else 'unknown'} "
+      f"({unit} {best_scores[q]:.4g} to {names[best[q]]})" for q in rows[:shown]]
+  if shown < len(rows):
+    summary["predictions"].append(f"... {len(rows) - shown} more in the CSV")
   if record is not None:
     summary["threshold"] = record["threshold"]
     summary["accepted"] = int(accepted.sum())

@@ -283,6 +283,8 @@ def test_gallery_on_omniglot_images(own_workdir, omniglot_folders, method, capsy
   assert f"csv: {output}" in out and "gallery_classes: 4" in out and "unknown_class_queries: 6" in out
   rows = read_csv(output)
   assert len(rows) == 18
+  first = rows[0]
+  assert f"  - {first['query']} -> {first['predicted']} (distance {float(first['distance']):.4g} to " in out
   assert list(rows[0]) == ["query", "predicted", "distance", "runner_up", "runner_up_distance", "true_class", "correct"]
   # The CSV's distance is the distance to the predicted class, recomputed here from the embeddings.
   model = inference.load_trained_model(own_workdir)

@@ -58,7 +58,6 @@ def test_roc_embedding_map_and_curves_from_small_inputs(tmp_path):
   plots.plot_embedding_map(points, np.array([0, 0, 1, 1, 1]), ["a", "b"], tmp_path / "map.png",
                            representatives=np.array([0, 4]))
   assert (tmp_path / "map.png").stat().st_size > 1000
-  assert plots.tsne_2d(np.random.default_rng(0).normal(size=(12, 5)), seed=0).shape == (12, 2)
   metrics = [{"step": 10, "train/loss": 2.0, "train/accuracy": 0.3, "train/learning_rate": 1e-3},
              {"step": 20, "train/loss": 1.0, "train/accuracy": 0.6, "train/learning_rate": 5e-4,
               "validation/accuracy": 0.5}]

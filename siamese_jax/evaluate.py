@@ -634,7 +634,8 @@ def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, ks: Sequence[i
     raise UserError(f"retrieval ks={ks}: expected positive integers.")
   relevant_counts = np.bincount(labels)[labels] - 1  # R of each query
   depth = int(min(num - 1, max(ks[-1], relevant_counts.max())))
-  chunk = min(chunk_size, num)
+  # [chunk, N] distances at a time: at most 2^26 floats (256 MiB) however large the split.
+  chunk = max(1, min(chunk_size, num, 2**26 // num))
   table = jnp.asarray(embeddings)
   squared_norms = jnp.sum(table**2, axis=1)
   precision_at_1, recall_hits, average_precisions = [], {k: [] for k in ks}, []

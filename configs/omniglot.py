@@ -72,6 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.eval_every = 500  # validation one-shot accuracy every N steps (0 = never)
   config.train.early_stopping_patience = 0  # stop after N validations without improvement (0 = never)
   config.train.time_limit_minutes = 0.0  # stop (and checkpoint) after this much training time; 0 = none
+  config.train.skip_nonfinite_updates = False  # skip (and count) NaN/inf updates; False = stop with an error
 
   config.eval = ml_collections.ConfigDict()
   config.eval.validation_ways = 20  # validation: N-way 1-shot within-alphabet episodes

@@ -14,9 +14,12 @@ the accuracy is stored in the step's directory).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import pathlib
-from typing import Any
+import re
+from typing import Any, Iterator
 
 import jax
 import orbax.checkpoint as ocp
@@ -136,6 +139,62 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def complete_steps(directory: str | pathlib.Path) -> list[int]:
+  """Steps whose checkpoint finished writing, read from the disk (a save still in flight, or one that
+  failed, is in a temporary directory whose name is not all digits)."""
+  directory = pathlib.Path(directory)
+  try:
+    return sorted(int(path.name) for path in directory.iterdir() if path.name.isdigit())
+  except OSError:
+    return []
+
+
+# What the OS says when the disk is full or refuses writes. Orbax writes arrays through TensorStore (C++),
+# whose errors arrive as ValueError/RuntimeError carrying the OS message, not as OSError: matched by text.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS}
+_DISK_MESSAGES = re.compile("|".join(re.escape(message) for message in sorted(
+    {"No space left on device", "Disk quota exceeded", "File too large", "Permission denied",
+     "Read-only file system", "Operation not permitted"})))
+
+
+def disk_problem(error: BaseException) -> str | None:
+  """The OS's description of a full or unwritable disk behind `error` (its causes included), or None."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in _DISK_ERRNOS:
+      where = f" ({error.filename})" if error.filename else ""
+      return f"{error.strerror or error}{where}"
+    match = _DISK_MESSAGES.search(str(error))
+    if match and not isinstance(error, UserError):
+      return match.group(0)
+    error = error.__cause__ or error.__context__
+  return None
+
+
+@contextlib.contextmanager
+def disk_errors(workdir: str | pathlib.Path) -> Iterator[None]:
+  """Turns a full or unwritable disk under `workdir` into a UserError that says what is still safe.
+
+  Saves are atomic (a temporary directory renamed when complete) and old steps are deleted only after a
+  newer one is complete, so a failed write never damages the checkpoints already there.
+  """
+  try:
+    yield
+  except UserError:
+    raise
+  except Exception as error:
+    problem = disk_problem(error)
+    if problem is None:
+      raise
+    workdir = pathlib.Path(workdir)
+    steps = complete_steps(workdir / "checkpoints")
+    kept = (f"The checkpoints already there are intact (newest: step {steps[-1]}); free some space or fix "
+            "the permissions, then run the same command again to resume from it."
+            if steps else "No checkpoint was written yet.")
+    raise UserError(f"cannot write to the workdir {workdir.absolute()}: {problem}. {kept}") from error
 
 
 def abstract_like(state: Any) -> Any:

@@ -66,19 +66,46 @@ class DataParallel:
     return jax.jit(mapped, donate_argnums=donate_argnums)
 
   def put_state(self, state: Any) -> Any:
+    """The canonical train state (identical in every process) -> the strategy's layout on the mesh.
+
+    Each process places its own copy on its own devices; nothing crosses processes. (`device_put` onto
+    the global mesh would try to send a restored, device-committed array to other hosts' devices.)
+    """
     if self.strategy == "pmap":
       # pmap wants one copy per device along a leading axis; each process provides its local copies.
       num_local = len(self.local_devices)
       return jax.tree.map(
           lambda x: jax.make_array_from_process_local_data(
               self.batch_sharding, np.broadcast_to(np.asarray(x), (num_local,) + np.shape(x))), state)
-    return jax.device_put(state, self.replicated)
+    return jax.tree.map(self._replicate, state)
+
+  def _replicate(self, x) -> jax.Array:
+    copies = [jax.device_put(x, device) for device in self.replicated.addressable_devices]
+    return jax.make_array_from_single_device_arrays(np.shape(x), self.replicated, copies)
 
   def get_state(self, state: Any) -> Any:
-    """The canonical train state (no device axis), e.g. to checkpoint or evaluate."""
+    """The canonical train state (no device axis, replicated over the mesh), e.g. to checkpoint.
+
+    With pmap the stacked state is global: in a multi-process run `x[0]` would be a computation over
+    devices of other processes. Each process instead re-labels its own copies (one per local device) as
+    the shards of a replicated array, which needs no communication and copies nothing between devices.
+    """
     if self.strategy == "pmap":
-      return jax.tree.map(lambda x: x[0], state)
+      return jax.tree.map(self._unstack, state)
     return state
+
+  def _unstack(self, stacked: jax.Array) -> jax.Array:
+    shape = stacked.shape[1:]
+    copies = [shard.data.reshape(shape) for shard in stacked.addressable_shards]
+    return jax.make_array_from_single_device_arrays(shape, self.replicated, copies)
+
+  def local_copy(self, tree: Any) -> Any:
+    """One copy of a replicated (canonical) pytree on this process's first device.
+
+    Evaluation and export embed with it: every process holds the whole model, so each can embed on its
+    own without a program spanning all processes; only process 0 reports the result.
+    """
+    return jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, tree)
 
   def put_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """This process's rows -> the global batch laid out for the step."""
@@ -88,6 +115,10 @@ class DataParallel:
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x), local_batch)
 
   def unreplicate_metrics(self, metrics: Any) -> Any:
-    """Metrics are identical on every device; pmap returns one copy per device."""
-    return jax.tree.map(lambda x: x[0], metrics) if self.strategy == "pmap" else metrics
+    """Metrics are identical on every device: this process's first copy, without the pmap device axis.
 
+    Taken from a local device so that fetching them never waits on another process.
+    """
+    if self.strategy == "pmap":
+      return jax.tree.map(lambda x: x.addressable_data(0)[0], metrics)
+    return jax.tree.map(lambda x: x.addressable_data(0), metrics)

@@ -24,8 +24,9 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from siamese_jax import augment, checkpoint, evaluate, losses, models, optim
+from siamese_jax import augment, checkpoint, distributed, evaluate, losses, models, optim
 from siamese_jax.data import pipeline, sampling
 from siamese_jax.errors import UserError
 from siamese_jax.parallel import AXIS, DataParallel
@@ -42,11 +43,14 @@ class TrainState:
 
 def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTransformation,
                schedule: Callable, loss_fn: Callable, loss_options: dict, augment_config,
-               seed: int) -> tuple[TrainState, dict]:
+               seed: int, skip_nonfinite_updates: bool = False) -> tuple[TrainState, dict]:
   """One optimizer step, written per device with collectives over `AXIS` (see parallel.py).
 
   Each example's distortion key is fold_in(step key, its index in the *global* batch), and embeddings
   are all-gathered before the loss, so the step computes the same numbers on 1 or N devices.
+  `metrics["finite"]` says whether the loss and gradient were finite; it stays on the device (the loop
+  checks it at its periodic fetch). With `skip_nonfinite_updates` a non-finite step leaves parameters,
+  batch statistics and optimizer state as they were (the step counter and the data still move on).
   """
   num_devices = jax.lax.axis_size(AXIS)
   local_batch = batch["labels"].shape[0]
@@ -73,8 +77,14 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTr
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   grad_norm = optax.global_norm(grads)
-  metrics = dict(metrics, loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step),
-                 finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+  # The global norm is non-finite iff some gradient is (or their squares overflow float32: as bad).
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  if skip_nonfinite_updates:
+    # A select, not a branch: no host round trip, and the same program for every step.
+    params, model_state, opt_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old), (params, model_state, opt_state),
+        (state.params, state.model_state, state.opt_state))
+  metrics = dict(metrics, loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step), finite=finite)
   new_state = TrainState(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state)
   return new_state, metrics
 
@@ -145,7 +155,11 @@ def variables_of(state: TrainState):
 
 
 def validation_accuracy(embed_fn, state: TrainState, source, eval_config, seed: int) -> float:
-  """Mean N-way 1-shot within-group accuracy on the validation classes (fixed episodes)."""
+  """Mean N-way 1-shot within-group accuracy on the validation classes (fixed episodes).
+
+  `state` must be addressable by this process (`DataParallel.local_copy`): every process embeds on its
+  own, with no program spanning processes.
+  """
   embeddings = evaluate.embed_images(embed_fn, variables_of(state), pipeline.all_images(source),
                                      eval_config.batch_size)
   ways = min(eval_config.validation_ways, int(np.bincount(source.class_groups).max()))
@@ -157,17 +171,37 @@ def validation_accuracy(embed_fn, state: TrainState, source, eval_config, seed: 
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-  """Trains (resuming from `workdir` if it holds checkpoints), then evaluates; returns the results."""
+  """Trains (resuming from `workdir` if it holds checkpoints), then evaluates; returns the results.
+
+  In a multi-process run (`distributed.initialize` first) every process calls this with the same
+  arguments: each feeds its own rows of every batch, all write each checkpoint together (Orbax), and only
+  process 0 prints and writes config.json, metrics and results.json.
+
+  Faults end with an exception that says what happened and what is safe: FloatingPointError for a
+  non-finite loss or gradient (never checkpointed), UserError for a full or unwritable disk (the newest
+  complete checkpoint is intact), `distributed.PeerFailure` when another process died.
+  """
   workdir = pathlib.Path(workdir)
-  try:
-    workdir.mkdir(parents=True, exist_ok=True)
-  except OSError as error:
-    raise UserError(f"cannot create workdir {workdir}: {error}") from error
   is_main = jax.process_index() == 0
-  if is_main:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+  with checkpoint.disk_errors(workdir):
+    workdir.mkdir(parents=True, exist_ok=True)
+    if is_main:
+      (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
   built = setup(config)
+  try:
+    with checkpoint.disk_errors(workdir):
+      return _train_and_evaluate(config, workdir, built)
+  except Exception as error:
+    peer_failure = distributed.peer_failure(error)
+    if peer_failure is not None:
+      raise peer_failure from error
+    raise
+
+
+def _train_and_evaluate(config, workdir: pathlib.Path, built: Setup) -> dict:
   train_config = config.train
+  parallel = built.parallel
+  is_main = jax.process_index() == 0
   embed_fn = models.make_embed_fn(built.graphdef)
   checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=train_config.max_checkpoints)
   dataset = pipeline.train_dataset(built.splits.train, built.sampler, num_steps=train_config.num_steps,
@@ -183,14 +217,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     # then the loop's bookkeeping; the next batch drawn is then the one the interrupted run would draw.
     start_step, state, data_state, loop_state = restored
     iterator.set_state(data_state)
-    print(f"Resuming from the checkpoint at step {start_step} in {workdir}", flush=True)
+    if is_main:
+      print(f"Resuming from the checkpoint at step {start_step} in {workdir}", flush=True)
   start_step = int(state.step)
 
   writer = MetricWriter(workdir, enabled=is_main)
-  step_fn = built.parallel.wrap_step(functools.partial(
+  step_fn = parallel.wrap_step(functools.partial(
       train_step, graphdef=built.graphdef, tx=built.tx, schedule=built.schedule, loss_fn=built.loss_fn,
-      loss_options=built.loss_options, augment_config=config.augment, seed=config.seed))
-  device_state = built.parallel.put_state(state)
+      loss_options=built.loss_options, augment_config=config.augment, seed=config.seed,
+      skip_nonfinite_updates=train_config.skip_nonfinite_updates))
+  device_state = parallel.put_state(state)
   num_steps = train_config.num_steps
   step = start_step
   pending_metrics = []
@@ -199,64 +235,78 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   training_started = time.perf_counter()
   stop = loop_state["early_stopped"] or step >= num_steps
   preempted = False
-  batches = pipeline.prefetch_to_device(iterator, built.parallel.put_batch)
+  batches = pipeline.prefetch_to_device(iterator, parallel.put_batch)
   preemption = PreemptionSignal()
-  while not stop:
-    batch, data_state = next(batches)
-    device_state, metrics = step_fn(device_state, batch)
-    step += 1
-    pending_metrics.append(metrics)
-    progress.update(1)
-    is_last = step >= num_steps
-    out_of_time = (train_config.time_limit_minutes > 0 and
-                   time.perf_counter() - training_started > 60 * train_config.time_limit_minutes)
+  try:
+    while not stop:
+      batch, data_state = next(batches)
+      device_state, metrics = step_fn(device_state, batch)
+      step += 1
+      pending_metrics.append(metrics)
+      progress.update(1)
+      is_last = step >= num_steps
+      out_of_time = (train_config.time_limit_minutes > 0 and
+                     time.perf_counter() - training_started > 60 * train_config.time_limit_minutes)
 
-    validation = None
-    if train_config.eval_every and (step % train_config.eval_every == 0 or is_last) and \
-        built.splits.validation is not None:
-      validation = validation_accuracy(embed_fn, built.parallel.get_state(device_state),
-                                       built.splits.validation, config.eval, seed=config.seed)
-      writer.write(step, {"accuracy": validation}, prefix="validation")
-      if validation > loop_state["best_validation_accuracy"]:
-        loop_state.update(best_validation_accuracy=validation, evaluations_without_improvement=0)
-      else:
-        loop_state["evaluations_without_improvement"] += 1
-      patience = train_config.early_stopping_patience
-      if patience and loop_state["evaluations_without_improvement"] >= patience:
-        loop_state["early_stopped"] = True
-        logging.info("Early stopping at step %d: no improvement in %d validations.", step, patience)
+      validation = None
+      if train_config.eval_every and (step % train_config.eval_every == 0 or is_last) and \
+          built.splits.validation is not None:
+        validation = validation_accuracy(embed_fn, parallel.local_copy(parallel.get_state(device_state)),
+                                         built.splits.validation, config.eval, seed=config.seed)
+        if jax.process_count() > 1:  # process 0's number decides for all: they must stop at the same step
+          validation = float(multihost_utils.broadcast_one_to_all(np.float32(validation)))
+        writer.write(step, {"accuracy": validation}, prefix="validation")
+        if validation > loop_state["best_validation_accuracy"]:
+          loop_state.update(best_validation_accuracy=validation, evaluations_without_improvement=0)
+        else:
+          loop_state["evaluations_without_improvement"] += 1
+        patience = train_config.early_stopping_patience
+        if patience and loop_state["evaluations_without_improvement"] >= patience:
+          loop_state["early_stopped"] = True
+          logging.info("Early stopping at step %d: no improvement in %d validations.", step, patience)
 
-    preempted = preemption.requested(step, every=train_config.log_every)
-    stop = is_last or out_of_time or loop_state["early_stopped"] or preempted
-    will_save = step % train_config.checkpoint_every == 0 or stop
-    # The only regular host sync; also before every save, so a non-finite state is never checkpointed.
-    if step % train_config.log_every == 0 or will_save:
-      fetched = jax.device_get(built.parallel.unreplicate_metrics(pending_metrics))
-      pending_metrics = []
-      summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-      if summary.pop("finite") < 1.0:
-        bad = next(step - len(fetched) + 1 + i for i, m in enumerate(fetched) if not m["finite"])
-        raise FloatingPointError(f"non-finite loss or gradient at step {bad} (loss={fetched[-1]['loss']}); "
-                                 f"the last checkpoint ({checkpointer.all_steps()[-1:] or 'none'}) is clean. "
-                                 "Lower optim.learning_rate or set optim.clip_grad_norm.")
-      now = time.perf_counter()
-      summary["steps_per_second"] = (step - last_log_step) / max(now - last_log_time, 1e-9)
-      last_log_time, last_log_step = now, step
-      writer.write(step, summary, prefix="train")
-      progress.set_postfix(loss=f"{summary['loss']:.4f}", steps_s=f"{summary['steps_per_second']:.2f}")
+      preempted, out_of_time = agree_to_stop(step, train_config.log_every,
+                                             preemption.signal_name is not None, out_of_time)
+      stop = is_last or out_of_time or loop_state["early_stopped"] or preempted
+      will_save = step % train_config.checkpoint_every == 0 or stop
+      # The only regular host sync; also before every save, so a non-finite state is never checkpointed.
+      if step % train_config.log_every == 0 or will_save:
+        fetched = jax.device_get(parallel.unreplicate_metrics(pending_metrics))
+        pending_metrics = []
+        summary = check_finite(fetched, last_step=step, skip=train_config.skip_nonfinite_updates,
+                               checkpoint_steps=checkpoint.complete_steps(checkpointer.directory),
+                               report=is_main)
+        now = time.perf_counter()
+        summary["steps_per_second"] = (step - last_log_step) / max(now - last_log_time, 1e-9)
+        last_log_time, last_log_step = now, step
+        writer.write(step, summary, prefix="train")
+        progress.set_postfix(loss=f"{summary['loss']:.4f}", steps_s=f"{summary['steps_per_second']:.2f}")
 
-    if will_save:
-      checkpointer.save(step, built.parallel.get_state(device_state), data_state, dict(loop_state),
-                        validation_accuracy=validation, force=stop)
-  progress.close()
+      if will_save:
+        checkpointer.save(step, parallel.get_state(device_state), data_state, dict(loop_state),
+                          validation_accuracy=validation, force=stop)
+  except (FloatingPointError, UserError) as error:
+    # A save still in flight holds a clean state: complete it rather than abandon it (a disk error may
+    # surface again here; the first one is reported). Only where every process stops here: a non-finite
+    # loss is seen by all at the same fetch, a disk error perhaps by process 0 alone, and waiting for
+    # the others' part of a save would then wait forever.
+    if isinstance(error, FloatingPointError) or jax.process_count() == 1:
+      try:
+        checkpointer.close()
+      except Exception:  # noqa: BLE001
+        pass
+    raise
+  finally:
+    preemption.restore()
+    progress.close()
   checkpointer.close()
-  preemption.restore()
   if preempted:
-    print(f"Stopped by {preemption.signal_name} at step {step}; checkpoint saved. Run the same command to "
-          "resume.", flush=True)
+    if is_main:
+      print(f"Stopped by {preemption.signal_name or 'a signal to another process'} at step {step}; "
+            "checkpoint saved. Run the same command to resume.", flush=True)
     writer.close()
     return {"step": step, "preempted": True}
-  final_state = built.parallel.get_state(device_state)
+  final_state = parallel.local_copy(parallel.get_state(device_state))
   results = final_report(embed_fn, final_state, built.splits, config, step=int(final_state.step))
   results["training_seconds"] = time.perf_counter() - training_started
   results["best_validation_accuracy"] = loop_state["best_validation_accuracy"]
@@ -266,11 +316,56 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   return results
 
 
+def check_finite(fetched: list[dict], *, last_step: int, skip: bool, checkpoint_steps: list[int],
+                 report: bool) -> dict[str, float]:
+  """The mean of each metric over fetched steps `last_step - len(fetched) + 1 .. last_step`, after
+  checking that each step's loss and gradient were finite.
+
+  A non-finite step raises FloatingPointError naming it, unless `skip` (train.skip_nonfinite_updates):
+  the step already left the state unchanged, so it is reported, counted (`skipped_updates`) and left
+  out of the means.
+  """
+  first_step = last_step - len(fetched) + 1
+  bad = [i for i, metrics in enumerate(fetched) if not metrics["finite"]]
+  if bad and not skip:
+    at = fetched[bad[0]]
+    newest = f"the newest checkpoint, step {checkpoint_steps[-1]}," if checkpoint_steps else "no checkpoint"
+    raise FloatingPointError(
+        f"non-finite loss or gradient at step {first_step + bad[0]} (loss={float(at['loss'])}, gradient "
+        f"norm={float(at['grad_norm'])}); it was not saved: {newest} predates it. Lower "
+        "optim.learning_rate, set optim.clip_grad_norm, or set train.skip_nonfinite_updates=True to skip "
+        "such updates.")
+  if bad and report:
+    steps = [first_step + i for i in bad]
+    logging.warning("Skipped %d update(s) with a non-finite loss or gradient, at step(s) %s.", len(steps),
+                    ", ".join(map(str, steps)))
+  kept = [metrics for i, metrics in enumerate(fetched) if i not in bad] or fetched
+  summary = {k: float(np.mean([m[k] for m in kept])) for k in fetched[0] if k != "finite"}
+  if skip:
+    summary["skipped_updates"] = float(len(bad))
+  return summary
+
+
+def agree_to_stop(step: int, every: int, *requests: bool) -> tuple[bool, ...]:
+  """This process's stop requests (a signal, the time limit), made common to all processes.
+
+  Processes must stop at the same step: one that leaves early to save would leave the others waiting in
+  the next step's collectives. So with several processes each request is OR-ed over processes every
+  `every` steps (a tiny all-gather of flags, no sync of the training state) and ignored in between.
+  """
+  if jax.process_count() == 1:
+    return requests
+  if step % every:
+    return (False,) * len(requests)
+  flags = multihost_utils.process_allgather(np.array(requests, dtype=bool))
+  return tuple(bool(flag) for flag in np.any(np.asarray(flags).reshape(-1, len(requests)), axis=0))
+
+
 class PreemptionSignal:
   """SIGTERM / SIGINT ask the loop to finish its step, save a checkpoint and return.
 
-  The handler only sets a flag, checked between steps on the host (no device sync). With several
-  processes they must agree on the stopping step, so the flag is all-gathered every `every` steps.
+  The handler only sets `signal_name`, which the loop reads between steps on the host (no device sync);
+  with several processes it goes through `agree_to_stop`.
   """
 
   def __init__(self):
@@ -283,18 +378,10 @@ class PreemptionSignal:
   def _handle(self, signum, frame):
     self.signal_name = signal.Signals(signum).name
 
-  def requested(self, step: int, every: int) -> bool:
-    if jax.process_count() == 1:
-      return self.signal_name is not None
-    if step % every:
-      return False
-    from jax.experimental import multihost_utils
-    flags = multihost_utils.process_allgather(np.array(self.signal_name is not None))
-    return bool(np.any(flags))
-
   def restore(self) -> None:
     for signum, handler in self._previous.items():
       signal.signal(signum, handler)
+    self._previous = {}
 
 
 def final_report(embed_fn, state: TrainState, splits: pipeline.Splits, config, *, step: int) -> dict:

@@ -19,15 +19,21 @@ import errno
 import logging
 import pathlib
 import re
+import shutil
 from typing import Any, Iterator
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 from siamese_jax.errors import UserError
 
 BEST_METRIC = "validation_accuracy"
+
+# Room asked for besides the arrays when checking for free space: Orbax's metadata, the JSON items.
+_METADATA_BYTES = 1 << 20
 
 # Appended to an unreadable step's directory name when a resume falls back past it; Orbax only takes
 # all-digit names for steps, so the renamed directory is kept for inspection but never read again.
@@ -46,7 +52,21 @@ class _DropMissingMetricsWarning(logging.Filter):
     return not str(record.msg).startswith("Requested `tracked_metric`")
 
 
+class _DropDiskErrorTracebacks(logging.Filter):
+  """Orbax's writer threads log each failed write of a full or read-only disk with a full traceback; the
+  same error then reaches the training loop, which reports it once, in one line (`disk_errors`)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR:
+      return True
+    if record.exc_info and record.exc_info[1] is not None:
+      return disk_problem(record.exc_info[1]) is None
+    return _DISK_MESSAGES.search(record.getMessage()) is None
+
+
 logging.getLogger("absl").addFilter(_DropMissingMetricsWarning())
+for _logger in ("absl", "asyncio"):  # asyncio: "exception was never retrieved" for the same failed writes
+  logging.getLogger(_logger).addFilter(_DropDiskErrorTracebacks())
 
 
 class Checkpointer:
@@ -77,10 +97,30 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_state: dict, loop_state: dict,
            validation_accuracy: float | None = None, force: bool = False) -> None:
+    """Starts writing step `step` (asynchronously unless the Checkpointer was made synchronous).
+
+    A disk without room for it raises OSError(ENOSPC) here, before anything is written: Orbax would
+    otherwise fail in its writer threads, leave a partial temporary directory, and log a traceback per
+    file before the error reaches the loop. (A disk that fills up during the write still fails there.)
+    """
+    self._check_free_space(step, state)
     metrics = None if validation_accuracy is None else {BEST_METRIC: float(validation_accuracy)}
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
         loop=ocp.args.JsonSave(loop_state)), metrics=metrics, force=force)
+
+  def _check_free_space(self, step: int, state: Any) -> None:
+    needed = sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree.leaves(state)) + _METADATA_BYTES
+    try:
+      free = shutil.disk_usage(self.directory).free
+    except OSError:
+      return  # the save itself will report what is wrong with the directory
+    enough = free >= needed
+    if jax.process_count() > 1:  # process 0's view decides, so that no process saves alone
+      enough = bool(multihost_utils.broadcast_one_to_all(np.array(enough)))
+    if not enough:
+      raise OSError(errno.ENOSPC, f"No space left on device for checkpoint step {step} (about "
+                    f"{needed / 2**20:.1f} MiB needed, {free / 2**20:.1f} MiB free)", str(self.directory))
 
   def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict, dict] | None:
     """The newest readable checkpoint as (step, state, data_state, loop_state), or None if none exists.
@@ -169,7 +209,10 @@ def disk_problem(error: BaseException) -> str | None:
       return f"{error.strerror or error}{where}"
     match = _DISK_MESSAGES.search(str(error))
     if match and not isinstance(error, UserError):
-      return match.group(0)
+      # TensorStore's message names the file after a long prefix; the end of its first line says most.
+      first_line = str(error).strip().splitlines()[0]
+      detail = first_line if len(first_line) <= 300 else "..." + first_line[-300:]
+      return f"{match.group(0)} ({detail})"
     error = error.__cause__ or error.__context__
   return None
 

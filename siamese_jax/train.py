@@ -183,9 +183,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   """
   workdir = pathlib.Path(workdir)
   is_main = jax.process_index() == 0
-  with checkpoint.disk_errors(workdir):
+  try:
     workdir.mkdir(parents=True, exist_ok=True)
-    if is_main:
+  except OSError as error:
+    raise UserError(f"cannot create workdir {workdir}: {error}") from error
+  if is_main:
+    with checkpoint.disk_errors(workdir):
       (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
   built = setup(config)
   try:
@@ -274,8 +277,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, built: Setup) -> dict:
         fetched = jax.device_get(parallel.unreplicate_metrics(pending_metrics))
         pending_metrics = []
         summary = check_finite(fetched, last_step=step, skip=train_config.skip_nonfinite_updates,
-                               checkpoint_steps=checkpoint.complete_steps(checkpointer.directory),
-                               report=is_main)
+                               checkpoint_directory=checkpointer.directory, report=is_main)
         now = time.perf_counter()
         summary["steps_per_second"] = (step - last_log_step) / max(now - last_log_time, 1e-9)
         last_log_time, last_log_step = now, step
@@ -316,7 +318,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, built: Setup) -> dict:
   return results
 
 
-def check_finite(fetched: list[dict], *, last_step: int, skip: bool, checkpoint_steps: list[int],
+def check_finite(fetched: list[dict], *, last_step: int, skip: bool, checkpoint_directory: pathlib.Path,
                  report: bool) -> dict[str, float]:
   """The mean of each metric over fetched steps `last_step - len(fetched) + 1 .. last_step`, after
   checking that each step's loss and gradient were finite.
@@ -329,10 +331,11 @@ def check_finite(fetched: list[dict], *, last_step: int, skip: bool, checkpoint_
   bad = [i for i, metrics in enumerate(fetched) if not metrics["finite"]]
   if bad and not skip:
     at = fetched[bad[0]]
-    newest = f"the newest checkpoint, step {checkpoint_steps[-1]}," if checkpoint_steps else "no checkpoint"
+    saved = checkpoint.complete_steps(checkpoint_directory)
+    newest = f"newest: step {saved[-1]}" if saved else "none written yet"
     raise FloatingPointError(
         f"non-finite loss or gradient at step {first_step + bad[0]} (loss={float(at['loss'])}, gradient "
-        f"norm={float(at['grad_norm'])}); it was not saved: {newest} predates it. Lower "
+        f"norm={float(at['grad_norm'])}); no checkpoint holds it or anything after it ({newest}). Lower "
         "optim.learning_rate, set optim.clip_grad_norm, or set train.skip_nonfinite_updates=True to skip "
         "such updates.")
   if bad and report:

@@ -64,7 +64,8 @@ def worker_main(argv: list[str]) -> None:
   parser.add_argument("--port", type=int, default=0)
   parser.add_argument("--devices", type=int, default=2, help="CPU devices of this process")
   parser.add_argument("--set", action="append", default=[], help="config override key=value")
-  parser.add_argument("--signal_at_step", type=int, default=0, help="SIGTERM to itself after this step")
+  parser.add_argument("--signal_at_step", type=int, default=0,
+                      help="SIGTERM to itself after this step (the loop sees it after the next one)")
   parser.add_argument("--die_at_step", type=int, default=0, help="SIGKILL to itself after this step")
   parser.add_argument("--die_while_saving_step", type=int, default=0,
                       help="SIGKILL to itself while this step's checkpoint is being written")
@@ -256,7 +257,7 @@ def test_two_processes_with_pmap(one_process, tmp_path):
 
 
 def test_two_processes_resume_after_preemption(tmp_path, two_processes):
-  """SIGTERM reaches process 1 only, after step 3: both agree to stop at step 4, save, and exit 0."""
+  """SIGTERM reaches process 1 only, during step 4: both agree to stop at step 4, save, and exit 0."""
   outputs = finish(start_processes(tmp_path, per_process={1: ["--signal_at_step=3"]}))
   for returncode, _, stderr in outputs:
     assert returncode == 0, stderr[-3000:]

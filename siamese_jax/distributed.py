@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import time
 
 import jax
 
@@ -42,18 +44,29 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
   Returns True when this process is now one of several (or of a detected cluster), False for a plain
   single-process run. Mistakes (a process id out of range, a coordinator that never answers) raise
-  UserError naming the flag or variable.
+  UserError naming the flag or variable. Calling it again is harmless.
   """
+  if jax.distributed.is_initialized():
+    return True
   coordinator_address = coordinator_address or os.environ.get(COORDINATOR_ADDRESS_ENV) or None
   num_processes = _integer("num_processes", num_processes, NUM_PROCESSES_ENV)
   process_id = _integer("process_id", process_id, PROCESS_ID_ENV)
   heartbeat_timeout_seconds = _integer("heartbeat_timeout_seconds", heartbeat_timeout_seconds,
                                        HEARTBEAT_TIMEOUT_ENV) or DEFAULT_HEARTBEAT_TIMEOUT_SECONDS
   explicit = any(value is not None for value in (coordinator_address, num_processes, process_id))
+  missing = [name for name, value in (("coordinator_address", coordinator_address),
+                                      ("num_processes", num_processes), ("process_id", process_id))
+             if value is None]
   if explicit:
     _check_explicit(coordinator_address, num_processes, process_id)
     if num_processes == 1:
       return False
+    if missing and not _cluster_detected():
+      raise _missing_error(missing)
+  elif not _cluster_detected():
+    return False
+  if coordinator_address is not None and process_id not in (None, 0):
+    _wait_for_coordinator(coordinator_address, process_id, initialization_timeout_seconds)
   # Collectives between processes on CPU (tests on one machine, CPU clusters) go through gloo over TCP;
   # GPUs and TPUs use their own (NCCL, ICI). Harmless when the CPU is not used for computation.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -61,26 +74,67 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                initialization_timeout=initialization_timeout_seconds,
                                heartbeat_timeout_seconds=heartbeat_timeout_seconds)
-  except ValueError as error:
-    if not explicit:  # JAX found no cluster environment to read the values from: a single process
-      logging.debug("No multi-process environment detected (%s); running as one process.", error)
-      return False
-    missing = [name for name, value in (("coordinator_address", coordinator_address),
-                                        ("num_processes", num_processes), ("process_id", process_id))
-               if value is None]
-    raise UserError(f"a multi-process run needs coordinator_address, num_processes and process_id on every "
-                    f"process (flags, or {COORDINATOR_ADDRESS_ENV} / {NUM_PROCESSES_ENV} / {PROCESS_ID_ENV}), "
-                    f"unless a cluster (SLURM, TPU pod, Kubernetes) supplies them; missing: "
-                    f"{', '.join(missing) or 'none'} ({error}).") from error
+  except ValueError as error:  # the cluster supplied less than JAX needs
+    raise _missing_error(missing, error) from error
+  except RuntimeError as error:
+    if "must be called before" not in str(error):
+      raise _join_error(error, coordinator_address, process_id, initialization_timeout_seconds) from error
+    raise UserError("distributed.initialize() must run before anything uses JAX devices (launch.py calls it "
+                    "first); in a notebook, restart the kernel and call it in the first cell.") from error
   except Exception as error:  # noqa: BLE001 - the runtime reports an unreachable coordinator as a bare XLA error
-    where = coordinator_address or "the address found by JAX's cluster detection"
-    raise UserError(f"process {process_id if process_id is not None else '?'} could not join the run "
-                    f"coordinated at {where} within {initialization_timeout_seconds} s: {error}. Check that "
-                    "process 0 is running, that the address is reachable from this host, and that "
-                    "every process got the same --num_processes.") from error
+    raise _join_error(error, coordinator_address, process_id, initialization_timeout_seconds) from error
   logging.info("Process %d of %d; %d local and %d global devices.", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   return True
+
+
+def _missing_error(missing: list[str], error: Exception | None = None) -> UserError:
+  return UserError(f"a multi-process run needs coordinator_address, num_processes and process_id on every "
+                   f"process (flags, or {COORDINATOR_ADDRESS_ENV} / {NUM_PROCESSES_ENV} / {PROCESS_ID_ENV}), "
+                   f"unless a cluster (SLURM, TPU pod) supplies them; missing: {', '.join(missing) or 'none'}"
+                   + (f" ({error})." if error else "."))
+
+
+def _join_error(error, coordinator_address, process_id, timeout_seconds) -> UserError:
+  where = coordinator_address or "the address found by JAX's cluster detection"
+  return UserError(f"process {process_id if process_id is not None else '?'} could not join the run "
+                   f"coordinated at {where} within {timeout_seconds} s: {error}. Check that process 0 is "
+                   "running, that the address is reachable from this host, and that every process got the "
+                   "same num_processes.")
+
+
+def _wait_for_coordinator(address: str, process_id: int, timeout_seconds: float) -> None:
+  """Waits until process 0's coordination service accepts connections, or raises UserError.
+
+  JAX would also wait, but then end the process with a fatal log that blames "another task" dying.
+  """
+  host, port = address.rsplit(":", 1)
+  deadline = time.monotonic() + timeout_seconds
+  while True:
+    try:
+      with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
+        return
+    except OSError as error:
+      if time.monotonic() >= deadline:
+        raise UserError(f"process {process_id} found no coordinator at {address} within {timeout_seconds:g} s "
+                        f"({error.strerror or error}). Start process 0 with the same coordinator_address (it "
+                        "listens there), and check that this host can reach that address and port.") from None
+      time.sleep(0.5)
+
+
+def _cluster_detected() -> bool:
+  """Whether JAX's own cluster detection recognises this environment (SLURM under srun, TPU pod, MPI...).
+
+  Asked through JAX's cluster registry (not public API) so that a plain run never calls
+  `jax.distributed.initialize()`, which would refuse to run once JAX is in use (a notebook) even though
+  there is nothing to join. If that registry ever moves, JAX is simply asked to try.
+  """
+  try:
+    from jax._src import clusters
+    environments = [env for env in clusters.ClusterEnv._cluster_types if not env.opt_in_only_method]
+  except (ImportError, AttributeError):
+    return True
+  return any(env.is_env_present() for env in environments)
 
 
 def _integer(name: str, value, env_name: str) -> int | None:
@@ -105,7 +159,7 @@ def _check_explicit(coordinator_address, num_processes, process_id) -> None:
     return
   if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
     raise UserError(f"process_id={process_id} must be in [0, num_processes={num_processes}).")
-  if coordinator_address is not None and ":" not in coordinator_address:
+  if coordinator_address is not None and not coordinator_address.rpartition(":")[2].isdigit():
     raise UserError(f"coordinator_address={coordinator_address!r} must be host:port, e.g. 10.0.0.1:1234 "
                     "(the host of process 0 and a free port on it).")
 
@@ -156,3 +210,8 @@ def exit_after_peer_failure(error: BaseException, exit_code: int = 3) -> None:
   print(f"error: {error}", file=sys.stderr, flush=True)
   sys.stdout.flush()
   os._exit(exit_code)
+
+
+def is_main_process() -> bool:
+  """Process 0 prints, writes logs and results; every process trains and writes its part of checkpoints."""
+  return jax.process_index() == 0

@@ -394,7 +394,7 @@ def final_report(embed_fn, state: TrainState, splits: pipeline.Splits, config, *
   test = splits.test
   if len(test):
     embeddings = evaluate.embed_images(embed_fn, variables_of(state), pipeline.all_images(test),
-                                       eval_config.batch_size, progress=True)
+                                       eval_config.batch_size, progress=jax.process_index() == 0)
     results["episodes"] = evaluate.one_shot_report(
         embeddings, test.labels, test.class_groups, ways=tuple(eval_config.test_ways),
         shots=tuple(eval_config.test_shots), queries=eval_config.queries_per_class,

@@ -204,6 +204,48 @@ def largest_difference(a, b) -> float:
 # --------------------------------------------------------------------------------------------------
 # Tests
 
+from siamese_jax import distributed  # noqa: E402
+from siamese_jax.errors import UserError  # noqa: E402
+
+
+@pytest.fixture
+def no_distributed_environment(monkeypatch):
+  for name in (distributed.COORDINATOR_ADDRESS_ENV, distributed.NUM_PROCESSES_ENV, distributed.PROCESS_ID_ENV,
+               distributed.HEARTBEAT_TIMEOUT_ENV):
+    monkeypatch.delenv(name, raising=False)
+
+
+def test_initialize_without_a_cluster_is_one_process(no_distributed_environment):
+  # JAX is already in use in this process, as in a notebook: with nothing to join that is no error.
+  assert distributed.initialize() is False
+  assert distributed.initialize(num_processes=1) is False
+  assert jax.process_count() == 1
+
+
+@pytest.mark.parametrize("arguments, environment, message", [
+    ({"coordinator_address": "127.0.0.1:1234", "num_processes": 2, "process_id": 2}, {},
+     r"process_id=2 must be in \[0, num_processes=2\)"),
+    ({"coordinator_address": "10.0.0.1", "num_processes": 2, "process_id": 0}, {}, "must be host:port"),
+    ({"coordinator_address": "127.0.0.1:1234", "num_processes": 2}, {}, "missing: process_id"),
+    ({}, {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1234", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"},
+     "JAX_NUM_PROCESSES='two' is not an integer"),
+    ({"num_processes": 1, "process_id": 1}, {}, "the only process has id 0"),
+], ids=["process_id", "address", "missing", "environment", "one_process"])
+def test_initialize_names_what_is_wrong(no_distributed_environment, monkeypatch, arguments, environment,
+                                        message):
+  for name, value in environment.items():
+    monkeypatch.setenv(name, value)
+  with pytest.raises(UserError, match=message):
+    distributed.initialize(**arguments)
+
+
+def test_initialize_without_a_coordinator_fails_in_bounded_time(no_distributed_environment):
+  started = time.monotonic()
+  with pytest.raises(UserError, match=f"process 1 found no coordinator at 127.0.0.1:.* within 1 s"):
+    distributed.initialize(f"127.0.0.1:{free_port()}", 2, 1, initialization_timeout_seconds=1)
+  assert time.monotonic() - started < 10
+
+
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):

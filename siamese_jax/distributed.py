@@ -212,6 +212,19 @@ def exit_after_peer_failure(error: BaseException, exit_code: int = 3) -> None:
   os._exit(exit_code)
 
 
+def wait_for_all(name: str, timeout_seconds: float = DEFAULT_INITIALIZATION_TIMEOUT_SECONDS) -> None:
+  """Blocks until every process has reached `name`: a barrier of the coordination service, no collective.
+
+  XLA's gloo gives the processes 30 s to meet when it sets up a group for a first collective; loading and
+  decoding data can take each host longer than that apart. Waiting here after such uneven work keeps the
+  first collectives (Orbax's own barriers, the first step) close together.
+  """
+  if jax.process_count() == 1:
+    return
+  import orbax.checkpoint as ocp
+  ocp.multihost.get_barrier_sync_fn()(key=f"siamese_jax_{name}", timeout_ms=int(timeout_seconds * 1000))
+
+
 def is_main_process() -> bool:
   """Process 0 prints, writes logs and results; every process trains and writes its part of checkpoints."""
   return jax.process_index() == 0

@@ -192,6 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
   built = setup(config)
   try:
+    distributed.wait_for_all("setup_done")  # data loading takes each host its own time
     with checkpoint.disk_errors(workdir):
       return _train_and_evaluate(config, workdir, built)
   except Exception as error:

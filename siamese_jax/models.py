@@ -23,6 +23,7 @@ The functional pattern the train step uses (and the tests check):
 from __future__ import annotations
 
 import difflib
+import functools
 from typing import Any, Callable, Mapping
 
 import jax
@@ -54,8 +55,75 @@ def _finish(embeddings: jax.Array, l2_normalize: bool) -> tuple[jax.Array, dict[
   return embeddings, aux
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _batch_norm_train(x, scale, bias, epsilon: float, axis_name: str):
+  """Train-mode batch norm over all axes but the last, statistics averaged over `axis_name`.
+
+  Returns (y, mean, var): nnx.BatchNorm's numbers (E[x^2] - E[x]^2 variance, floored at 0; gradients
+  equal to autodiff's within float rounding), with a hand-written backward pass whose per-channel sums
+  are matrix products (`_channel_sums`). Autodiff of nnx.BatchNorm instead emits several reductions over
+  the activations, which XLA:CPU runs far below memory speed; BatchNorm was about half of the conv4
+  step. Measured on 2 cores (benchmarks/run.py case "conv4, 128 triplets"): about 12-15 % faster step.
+  """
+  return _batch_norm_forward(x, scale, bias, epsilon, axis_name)[0]
+
+
+def _channel_sums(*arrays: jax.Array) -> list[jax.Array]:
+  # Sums over every axis but the last, each as a matrix product with a row of ones: on XLA:CPU that
+  # runs several times faster than the equivalent reduce (and than a fused multi-output reduce).
+  sums = []
+  for a in arrays:
+    rows = a.reshape(-1, a.shape[-1])
+    sums.append((jnp.ones((1, rows.shape[0]), rows.dtype) @ rows)[0])
+  return sums
+
+
+def _batch_norm_forward(x, scale, bias, epsilon, axis_name):
+  count = x.size // x.shape[-1]
+  sums = jax.lax.pmean(jnp.stack(_channel_sums(x, x * x)) / count, axis_name)
+  mean, mean_square = sums[0], sums[1]
+  var = jnp.maximum(0.0, mean_square - mean * mean)
+  inverse_std = jax.lax.rsqrt(var + epsilon)
+  multiplier = inverse_std * scale
+  y = x * multiplier + (bias - mean * multiplier)
+  return (y, mean, var), (x, mean, inverse_std, scale)
+
+
+def _batch_norm_backward(epsilon, axis_name, residuals, cotangents):
+  del epsilon
+  x, mean, inverse_std, scale = residuals
+  dy = cotangents[0]  # mean and var only feed the running averages, under stop_gradient
+  normalized = (x - mean) * inverse_std
+  # Local sums are this device's parameter gradients (the step sums gradients over devices itself);
+  # the input gradient needs the global ones, as the statistics were global.
+  dbias, dscale = _channel_sums(dy, dy * normalized)
+  global_count = jax.lax.psum(x.size // x.shape[-1], axis_name)
+  global_sums = jax.lax.psum(jnp.stack([dbias, dscale]), axis_name) / global_count
+  dx = (scale * inverse_std) * (dy - global_sums[0] - normalized * global_sums[1])
+  return dx, dscale, dbias
+
+
+_batch_norm_train.defvjp(_batch_norm_forward, _batch_norm_backward)
+
+
+class BatchNorm(nnx.BatchNorm):
+  """nnx.BatchNorm (same parameters, statistics and numbers) with a faster train-mode gradient."""
+
+  def __call__(self, x: jax.Array, use_running_average: bool | None = None, *, mask=None) -> jax.Array:
+    use_running_average = self.use_running_average if use_running_average is None else use_running_average
+    # The fast path covers how this module builds BatchNorm; anything else takes nnx's own code.
+    if (use_running_average or mask is not None or self.axis != -1 or self.scale is None or self.bias is None
+        or x.dtype != jnp.float32 or self.axis_name is None or self.axis_index_groups is not None):
+      return super().__call__(x, use_running_average, mask=mask)
+    y, mean, var = _batch_norm_train(x, self.scale[...], self.bias[...], self.epsilon, self.axis_name)
+    momentum = self.momentum
+    self.mean[...] = jax.lax.stop_gradient(momentum * self.mean[...] + (1 - momentum) * mean)
+    self.var[...] = jax.lax.stop_gradient(momentum * self.var[...] + (1 - momentum) * var)
+    return y
+
+
 def _batch_norm(num_features: int, momentum: float, rngs: nnx.Rngs) -> nnx.BatchNorm:
-  return nnx.BatchNorm(
+  return BatchNorm(
     num_features, momentum=momentum, axis_name=BATCH_AXIS, use_running_average=True, rngs=rngs
   )
 
@@ -374,6 +442,7 @@ __all__ = [
   "BATCH_AXIS",
   "MODELS",
   "BasicBlock",
+  "BatchNorm",
   "Conv4",
   "KochNet",
   "ResNet",

@@ -1,0 +1,353 @@
+"""The benchmark cases: train step, loader, loader-fed step, evaluation, device scaling.
+
+Each case builds what it needs through the library's own entry points (`train.setup`,
+`pipeline.train_dataset`, `evaluate.embed_images`, ...), so what is timed is what training and
+evaluation run, and returns a flat dict of numbers that `run.py` prints and writes to JSON.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import importlib
+import os
+import pathlib
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from siamese_jax import evaluate, models, train
+from siamese_jax.data import pipeline, sampling
+
+import common
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# What one example of a batch is, by sampling kind: the "items" of items_per_s.
+ITEM_NAMES = {"pairs": "pairs", "triplets": "triplets", "m_per_class": "images"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configs and data
+
+
+def find_omniglot_dir() -> pathlib.Path | None:
+  """$OMNIGLOT_DIR if set, else ../shared/data/omniglot beside the checkout (the tests' rule)."""
+  for candidate in (os.environ.get("OMNIGLOT_DIR"), REPO.parent / "shared" / "data" / "omniglot"):
+    if candidate and (pathlib.Path(candidate) / "images_background.zip").exists():
+      return pathlib.Path(candidate)
+  return None
+
+
+@functools.lru_cache(maxsize=None)
+def _config_module(name: str):
+  return importlib.import_module(f"configs.{name}")
+
+
+def load_config(name: str, *, data_dir: pathlib.Path | None, cache_dir: str, num_devices: int = 1,
+                strategy: str = "shard_map", **overrides: Any) -> ml_collections.ConfigDict:
+  """A shipped config (configs/<name>.py) pointed at the benchmark's data, on `num_devices` devices.
+
+  Without Omniglot the synthetic source stands in (same shapes, so the same compute), with enough
+  classes for the m-per-class batches of the reference configs.
+  """
+  config = _config_module(name).get_config()
+  config.data.download = False  # never start a download from a benchmark
+  config.data.cache_dir = cache_dir
+  if data_dir is not None:
+    config.data.data_dir = str(data_dir)
+  else:
+    config.data.source = "synthetic"
+    config.data.synthetic_classes = 200
+  config.parallel.strategy = strategy
+  config.parallel.num_devices = num_devices
+  for dotted, value in overrides.items():
+    node = config
+    *parents, leaf = dotted.split(".")
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+def make_sampler(config: ml_collections.ConfigDict, source) -> sampling.Sampler:
+  """The sampler `train.setup` builds, over another source (e.g. the lazily decoded one)."""
+  return sampling.Sampler(
+      sampling.ClassIndex.from_labels(source.labels, source.class_groups, source.class_names),
+      kind=config.sampling.kind, batch_size=config.sampling.batch_size, seed=config.seed,
+      m_per_class=config.sampling.m_per_class,
+      same_group_negative_probability=config.sampling.same_group_negative_probability)
+
+
+def make_step(built: train.Setup, config: ml_collections.ConfigDict):
+  """The jitted, data-parallel step exactly as `train.train_and_evaluate` wraps it (state donated)."""
+  options = {}
+  if "skip_nonfinite_updates" in config.train:  # newer train_step: the same select the loop compiles
+    options["skip_nonfinite_updates"] = config.train.skip_nonfinite_updates
+  return built.parallel.wrap_step(functools.partial(
+      train.train_step, graphdef=built.graphdef, tx=built.tx, schedule=built.schedule,
+      loss_fn=built.loss_fn, loss_options=built.loss_options, augment_config=config.augment,
+      seed=config.seed, **options))
+
+
+class CompiledStep:
+  """A compiled train step with its state; `run(n, batches)` takes n steps and returns the state."""
+
+  def __init__(self, built: train.Setup, config: ml_collections.ConfigDict):
+    self.built = built
+    self.parallel = built.parallel
+    self.batch = self.parallel.put_batch(pipeline.BatchBuilder(built.splits.train, built.sampler)(0))
+    self.state = self.parallel.put_state(built.state)
+    start = time.perf_counter()
+    # Lower and compile once, explicitly, to time compilation and read XLA's cost and memory analyses;
+    # the compiled executable is then called directly (no second compilation by the jit cache).
+    self.compiled = make_step(built, config).lower(self.state, self.batch).compile()
+    self.compile_seconds = time.perf_counter() - start
+    self.flops = common.compiled_flops(self.compiled)
+    if self.flops is not None and built.parallel.strategy == "shard_map":
+      self.flops *= built.parallel.num_devices  # cost analysis is per device for an SPMD program
+    self.memory = common.compiled_memory(self.compiled)
+    self.metrics = None
+
+  def run(self, num_steps: int, batches=None):
+    state = self.state
+    for _ in range(num_steps):
+      batch = self.batch if batches is None else next(batches)[0]
+      state, self.metrics = self.compiled(state, batch)
+    self.state = state
+    return state
+
+  def final_loss(self) -> float:
+    metrics = jax.device_get(self.parallel.unreplicate_metrics(self.metrics))
+    return float(metrics["loss"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Train step
+
+
+def train_step_case(label: str, config: ml_collections.ConfigDict, *, warmup: int, repeats: int,
+                    steps_per_repeat: int, peak_gflops: float) -> dict[str, Any]:
+  """Steps/s, items/s, FLOP/s and % of the matmul peak of one config's step on a resident batch."""
+  built = train.setup(config)
+  step = CompiledStep(built, config)
+  timing = common.time_repeated(lambda: step.run(steps_per_repeat), warmup=warmup, repeats=repeats,
+                                units_per_call=steps_per_repeat)
+  batch_size = config.sampling.batch_size
+  result = {
+      "case": label,
+      "model": config.model.name,
+      "loss": config.loss.name + (f"/{config.loss.mining}" if "mining" in config.loss else ""),
+      "image_size": config.data.image_size,
+      "sampling": config.sampling.kind,
+      "item": ITEM_NAMES[config.sampling.kind],
+      "batch": batch_size,
+      "images_per_step": batch_size * built.sampler.k,
+      "strategy": built.parallel.strategy,
+      "devices": built.parallel.num_devices,
+      "parameters": sum(x.size for x in jax.tree.leaves(built.state.params)),
+      **timing.as_dict("step_seconds"),
+      "steps_per_s": 1.0 / timing.median,
+      "items_per_s": batch_size / timing.median,
+      "images_per_s": batch_size * built.sampler.k / timing.median,
+      "compile_seconds": step.compile_seconds,
+      "final_loss": step.final_loss(),
+      "process_max_rss_mb": common.process_max_rss_mb(),
+      **step.memory,
+  }
+  if step.flops is not None:
+    result["gflops_per_step"] = step.flops / 1e9
+    result["gflops_per_item"] = step.flops / 1e9 / batch_size
+    result["gflops_per_s"] = step.flops / timing.median / 1e9
+    result["pct_of_peak"] = 100.0 * result["gflops_per_s"] / peak_gflops
+  device_peak = common.device_peak_bytes()
+  if device_peak is not None:
+    result["device_peak_bytes"] = device_peak
+  del step, built
+  gc.collect()
+  return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# Input pipeline
+
+
+def loader_case(label: str, config: ml_collections.ConfigDict, source, *, workers: int, warmup: int,
+                repeats: int, min_seconds: float) -> dict[str, Any]:
+  """Batches/s and items/s the Grain loader delivers to the host (no device, no augmentation).
+
+  Grain builds batches in a pool of threads (and in `workers` processes), so they arrive in bursts;
+  `warmup` batches absorb the start, and each repetition takes enough batches to last `min_seconds`
+  (at least 32: a few bursts), else a repetition would time a buffer draining, not batches being made.
+  """
+  sampler = make_sampler(config, source)
+  # A lazy range of steps: never exhausted, and nothing is built that is not drawn.
+  dataset = pipeline.train_dataset(source, sampler, num_steps=1 << 40, num_workers=workers)
+  start = time.perf_counter()
+  iterator = iter(dataset)
+  next(iterator)  # worker start-up (processes spawned, modules imported) and the first batch
+  startup_seconds = time.perf_counter() - start
+
+  def draw(count: int) -> None:
+    for _ in range(count):  # batches are dropped at once: holding thousands would exhaust memory
+      next(iterator)
+
+  draw(warmup)
+  start = time.perf_counter()
+  draw(32)  # calibration: about how long one batch takes once running
+  per_batch = max((time.perf_counter() - start) / 32, 1e-7)
+  batches_per_repeat = min(max(32, int(min_seconds / per_batch)), 4096)
+  timing = common.time_repeated(lambda: draw(batches_per_repeat), warmup=0, repeats=repeats,
+                                units_per_call=batches_per_repeat)
+  if hasattr(iterator, "close"):
+    iterator.close()
+  del iterator
+  gc.collect()
+  batch_size = config.sampling.batch_size
+  return {
+      "case": label,
+      "image_size": config.data.image_size,
+      "sampling": config.sampling.kind,
+      "item": ITEM_NAMES[config.sampling.kind],
+      "batch": batch_size,
+      "images_per_batch": batch_size * sampler.k,
+      "decoded": "in memory" if getattr(source, "images", None) is not None else "lazy (per access)",
+      "workers": workers,
+      "startup_seconds": startup_seconds,
+      "batches_per_repeat": batches_per_repeat,
+      **timing.as_dict("batch_seconds"),
+      "batches_per_s": 1.0 / timing.median,
+      "items_per_s": batch_size / timing.median,
+      "images_per_s": batch_size * sampler.k / timing.median,
+  }
+
+
+def augment_case(label: str, config: ml_collections.ConfigDict, source, *, warmup: int,
+                 repeats: int) -> dict[str, Any]:
+  """`train.augment_examples` alone, jitted, on a device batch: the on-device half of the pipeline."""
+  sampler = make_sampler(config, source)
+  batch = jax.device_put(pipeline.BatchBuilder(source, sampler)(0))
+  batch_size = config.sampling.batch_size
+
+  @jax.jit
+  def distort(images, step):
+    key = jax.random.fold_in(jax.random.key(config.seed), step)
+    return train.augment_examples(key, np.arange(batch_size), images, config.augment)
+
+  counter = iter(range(1 << 30))
+  timing = common.time_repeated(lambda: distort(batch["images"], next(counter)), warmup=warmup,
+                                repeats=repeats)
+  return {
+      "case": label,
+      "image_size": config.data.image_size,
+      "sampling": config.sampling.kind,
+      "item": ITEM_NAMES[config.sampling.kind],
+      "batch": batch_size,
+      "images_per_batch": batch_size * sampler.k,
+      "decoded": "device batch",
+      "workers": "-",
+      **timing.as_dict("batch_seconds"),
+      "batches_per_s": 1.0 / timing.median,
+      "items_per_s": batch_size / timing.median,
+      "images_per_s": batch_size * sampler.k / timing.median,
+  }
+
+
+def fed_step_case(label: str, config: ml_collections.ConfigDict, *, workers: int, warmup: int,
+                  repeats: int, steps_per_repeat: int) -> dict[str, Any]:
+  """The same compiled step fed by the real loader (Grain -> prefetch_to_device) vs a resident batch.
+
+  The two are timed in alternating repetitions so that drift (another process, thermal) hits both.
+  """
+  built = train.setup(config)
+  step = CompiledStep(built, config)
+  total = (warmup + repeats) * steps_per_repeat + 4
+  dataset = pipeline.train_dataset(built.splits.train, built.sampler, num_steps=total, num_workers=workers)
+  batches = pipeline.prefetch_to_device(iter(dataset), built.parallel.put_batch)
+  for _ in range(warmup):
+    jax.block_until_ready(step.run(steps_per_repeat))
+    jax.block_until_ready(step.run(steps_per_repeat, batches))
+  resident, fed = [], []
+  for _ in range(repeats):
+    for times, source in ((resident, None), (fed, batches)):
+      start = time.perf_counter()
+      jax.block_until_ready(step.run(steps_per_repeat, source))
+      times.append((time.perf_counter() - start) / steps_per_repeat)
+  del batches, dataset
+  gc.collect()
+  resident_timing, fed_timing = common.Timing(resident), common.Timing(fed)
+  batch_size = config.sampling.batch_size
+  return {
+      "case": label,
+      "batch": batch_size,
+      "item": ITEM_NAMES[config.sampling.kind],
+      "workers": workers,
+      "resident_step_seconds": resident_timing.median,
+      "resident_spread": resident_timing.as_dict()["spread"],
+      "fed_step_seconds": fed_timing.median,
+      "fed_spread": fed_timing.as_dict()["spread"],
+      "repeats": repeats,
+      "resident_items_per_s": batch_size / resident_timing.median,
+      "items_per_s": batch_size / fed_timing.median,
+      "slowdown_pct": 100.0 * (fed_timing.median / resident_timing.median - 1.0),
+  }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluation_cases(label: str, config: ml_collections.ConfigDict, *, warmup: int, repeats: int,
+                     num_episodes: int = 1000, ways: int = 20, embed_limit: int | None = None
+                     ) -> list[dict[str, Any]]:
+  """Images embedded/s on the test split, Lake's 20 runs, and `num_episodes` N-way 1-shot episodes.
+
+  The model is freshly initialised: speed does not depend on the weights.
+  """
+  built = train.setup(config)
+  embed_fn = models.make_embed_fn(built.graphdef)
+  variables = train.variables_of(jax.device_put(built.state))
+  test = built.splits.test
+  images = pipeline.all_images(test)
+  if embed_limit:
+    images = images[:embed_limit]
+  batch_size = config.eval.batch_size
+  embed = lambda: evaluate.embed_images(embed_fn, variables, images, batch_size)  # noqa: E731
+  timing = common.time_repeated(embed, warmup=warmup, repeats=repeats)
+  cases = [{"case": f"{label}: embed test images", "model": config.model.name,
+            "image_size": config.data.image_size, "images": len(images), "eval_batch": batch_size,
+            **timing.as_dict(), "images_per_s": len(images) / timing.median}]
+  if embed_limit:  # episodes need every test image embedded
+    return cases
+  embeddings = embed()
+  if built.splits.lake_runs:
+    runs = built.splits.lake_runs
+    timing = common.time_repeated(lambda: evaluate.lake_runs_accuracy(embed_fn, variables, runs),
+                                  warmup=warmup, repeats=repeats)
+    cases.append({"case": f"{label}: Lake's {len(runs)} runs (embed + score)", "model": config.model.name,
+                  "images": sum(len(r.training) + len(r.test) for r in runs), **timing.as_dict()})
+
+  # Within one alphabet as in the report; the synthetic stand-in has groups too small for that.
+  within_group = bool(np.bincount(test.class_groups).max() >= ways)
+
+  def sample():
+    return evaluate.sample_episodes(test.labels, test.class_groups, ways=ways, shots=1, queries=1,
+                                    num_episodes=num_episodes, seed=config.seed, within_group=within_group)
+
+  episodes = sample()
+  sample_timing = common.time_repeated(sample, warmup=warmup, repeats=repeats)
+  score_timing = common.time_repeated(lambda: evaluate.episode_accuracies(embeddings, episodes),
+                                      warmup=warmup, repeats=repeats)
+  total_timing = common.time_repeated(lambda: evaluate.episode_accuracies(embeddings, sample()),
+                                      warmup=0, repeats=repeats)
+  kind = "within-group" if within_group else "any-class"
+  cases.append({"case": f"{label}: {num_episodes} {ways}-way 1-shot {kind} episodes (sample + score)",
+                "model": config.model.name, "episodes": num_episodes, **total_timing.as_dict(),
+                "sample_seconds": sample_timing.median, "score_seconds": score_timing.median,
+                "episodes_per_s": num_episodes / total_timing.median})
+  del built
+  gc.collect()
+  return cases

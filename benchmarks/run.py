@@ -1,0 +1,411 @@
+r"""Throughput benchmarks: train step, input pipeline, evaluation, device scaling.
+
+  python benchmarks/run.py --quick        # under 5 minutes on 2 CPU cores
+  python benchmarks/run.py                # the full suite: more repetitions, more cases
+
+Warms up, times several repetitions of each case, prints markdown tables (median and spread) and
+writes everything to benchmarks/results/<machine>.json (e.g. cpu-2core.json), with the issue's targets
+checked at the end. Reads Omniglot from $OMNIGLOT_DIR (or ../shared/data/omniglot beside the
+checkout), else uses the synthetic source of the same shapes. See benchmarks/README.md.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+# Before JAX starts (as launch.py does): XLA:CPU's YNNPACK convolution fusions are slow on these CPUs.
+if "XLA_FLAGS" not in os.environ:
+  os.environ["XLA_FLAGS"] = "--xla_cpu_experimental_ynn_fusion_type="
+
+HERE = pathlib.Path(__file__).resolve().parent
+REPO = HERE.parent
+for path in (str(REPO), str(HERE)):  # `configs` and `siamese_jax` from the checkout; helpers from here
+  if path not in sys.path:
+    sys.path.insert(0, path)
+
+SCALING_DEVICES = (1, 2, 4, 8)
+
+# Repetitions per suite. The quick suite keeps the 2-core total under 5 minutes (the Koch step alone
+# takes seconds); the full one takes longer and times more.
+SUITES = {
+    "quick": dict(matmul_warmup=2, matmul_repeats=5, warmup=1, repeats=3, conv_steps=4, koch_steps=1,
+                  loader_warmup=32, loader_seconds=0.3, loader_workers=(0, 1, 2), lazy_workers=(0, 2),
+                  koch_loader=((True, 0), (False, 0)), fed_workers=(0,), fed_steps=4, eval_repeats=3,
+                  koch_embed=False, scaling_steps=3, scaling_repeats=3),
+    "full": dict(matmul_warmup=3, matmul_repeats=10, warmup=2, repeats=7, conv_steps=20, koch_steps=2,
+                 loader_warmup=64, loader_seconds=1.5, loader_workers=(0, 1, 2), lazy_workers=(0, 1, 2),
+                 koch_loader=tuple((m, w) for m in (True, False) for w in (0, 1, 2)), fed_workers=(0, 1),
+                 fed_steps=20, eval_repeats=7, koch_embed=True, scaling_steps=10, scaling_repeats=5),
+}
+
+# Train-step cases: (label, config module, overrides). The third is the issue's conv4 target:
+# 128 explicit triplets (384 images) with the plain triplet loss.
+TRAIN_CASES = (
+    ("omniglot (conv4, prototypical)", "omniglot", {}),
+    ("omniglot_triplet (conv4, triplet batch-hard)", "omniglot_triplet", {}),
+    ("conv4, 128 triplets (issue target)", "omniglot_triplet",
+     {"sampling.kind": "triplets", "sampling.batch_size": 128, "loss.mining": "none"}),
+    ("omniglot_koch (Koch, 105x105)", "omniglot_koch", {}),
+)
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--quick", action="store_true", help="the short suite (under 5 minutes on 2 cores)")
+  parser.add_argument("--only", default="", help="comma-separated sections to run: "
+                      "peak,train,loader,fed,eval,scaling (default: all); writes <machine>-partial.json")
+  parser.add_argument("--machine", default="", help="results file name; default from platform and cores")
+  parser.add_argument("--out", default=str(HERE / "results"), help="folder for <machine>.json")
+  parser.add_argument("--cache-dir", default=str(pathlib.Path.home() / ".cache" / "siamese_jax" / "decoded"),
+                      help="decoded-image cache (config.data.cache_dir); '' decodes every time")
+  parser.add_argument("--matmul-size", type=int, default=0,
+                      help="n of the n x n fp32 matmul peak (default 4096 on CPU, 8192 on accelerators)")
+  parser.add_argument("--synthetic", action="store_true",
+                      help="use the synthetic source (same shapes) even where Omniglot is present")
+  parser.add_argument("--scaling-child", default="", help=argparse.SUPPRESS)  # internal: JSON path
+  return parser.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tables
+
+
+def _format(value, spec: str) -> str:
+  if value is None or value == "":
+    return "-"
+  if isinstance(value, str):
+    return value
+  return format(value, spec)
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+  lines = ["| " + " | ".join(header for header, _, _ in columns) + " |",
+           "|" + "|".join("---" for _ in columns) + "|"]
+  for row in rows:
+    lines.append("| " + " | ".join(_format(row.get(key), spec) for _, key, spec in columns) + " |")
+  return "\n".join(lines)
+
+
+TRAIN_COLUMNS = [("train step", "case", ""), ("batch", "batch", "d"), ("item", "item", ""),
+                 ("items/s", "items_per_s", ".0f"), ("images/s", "images_per_s", ".0f"),
+                 ("steps/s", "steps_per_s", ".2f"), ("spread", "spread", ".1%"),
+                 ("GFLOP/item", "gflops_per_item", ".3f"), ("GFLOP/s", "gflops_per_s", ".1f"),
+                 ("% of peak", "pct_of_peak", ".1f"), ("compile s", "compile_seconds", ".1f"),
+                 ("XLA peak MB", "xla_peak_mb", ".0f")]
+LOADER_COLUMNS = [("loader", "case", ""), ("decoded", "decoded", ""), ("workers", "workers", ""),
+                  ("batch", "batch", "d"), ("item", "item", ""), ("items/s", "items_per_s", ".0f"),
+                  ("images/s", "images_per_s", ".0f"), ("spread", "spread", ".1%"),
+                  ("start-up s", "startup_seconds", ".1f")]
+FED_COLUMNS = [("step fed by the loader", "case", ""), ("workers", "workers", ""),
+               ("resident items/s", "resident_items_per_s", ".0f"), ("fed items/s", "items_per_s", ".0f"),
+               ("slowdown", "slowdown_pct", "+.1f")]
+EVAL_COLUMNS = [("evaluation", "case", ""), ("images", "images", ""), ("seconds", "seconds_median", ".3f"),
+                ("spread", "spread", ".1%"), ("images/s", "images_per_s", ".0f")]
+SCALING_COLUMNS = [("scaling (same global batch)", "case", ""), ("strategy", "strategy", ""),
+                   ("devices", "devices", "d"), ("items/s", "items_per_s", ".0f"),
+                   ("steps/s", "steps_per_s", ".2f"), ("spread", "spread", ".1%"),
+                   ("vs 1 device", "vs_one_device", ".2f"), ("compile s", "compile_seconds", ".1f")]
+TARGET_COLUMNS = [("target", "target", ""), ("measured", "measured", ""), ("needed", "needed", ""),
+                  ("holds", "holds", "")]
+
+
+def report_tables(results: dict) -> str:
+  parts = []
+  peak = results.get("matmul")
+  if peak:
+    load = [results.get(f"load_average_{when}", (float("nan"),))[0] for when in ("start", "end")]
+    machine = results["machine"]
+    parts.append(f"fp32 matmul peak ({peak['size']}x{peak['size']}, XLA): "
+                 f"**{results['matmul_peak_gflops']:.0f} GFLOP/s** (best repetition, start and end of the "
+                 f"run; start median {peak['gflops_median']:.0f}) on {machine['machine']} "
+                 f"({machine['cpu_model']}), {results['suite']} suite, data: {results['data']}; "
+                 f"load average {load[0]:.1f} at the start, {load[1]:.1f} at the end.")
+  for key, columns in (("train_step", TRAIN_COLUMNS), ("loader", LOADER_COLUMNS), ("fed_step", FED_COLUMNS),
+                       ("evaluation", EVAL_COLUMNS), ("scaling", SCALING_COLUMNS), ("targets", TARGET_COLUMNS)):
+    rows = results.get(key)
+    if rows:
+      for row in rows:
+        if "xla_peak_bytes" in row:
+          row.setdefault("xla_peak_mb", row["xla_peak_bytes"] / 2**20)
+      parts.append(markdown_table(rows, columns))
+  return "\n\n".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Targets (issue 4), checked on this run's numbers
+
+
+def check_targets(results: dict) -> list[dict]:
+  targets = []
+  steps = {row["case"]: row for row in results.get("train_step", [])}
+
+  def add(target, measured, needed, holds):
+    targets.append({"target": target, "measured": measured, "needed": needed,
+                    "holds": "yes" if holds else "NO"})
+
+  koch = steps.get(TRAIN_CASES[3][0])
+  if koch and "pct_of_peak" in koch:
+    add("Koch 105x105, 128 pairs: % of matmul peak", f"{koch['pct_of_peak']:.1f} % "
+        f"({koch['items_per_s']:.1f} pairs/s)", ">= 70 %", koch["pct_of_peak"] >= 70)
+  triplets = steps.get(TRAIN_CASES[2][0])
+  if triplets and "pct_of_peak" in triplets:
+    add("conv4 28x28, 128 triplets: % of matmul peak", f"{triplets['pct_of_peak']:.1f} % "
+        f"({triplets['items_per_s']:.0f} triplets/s)", ">= 25 % (about 500 triplets/s at 370 GFLOP/s)",
+        triplets["pct_of_peak"] >= 25)
+  shipped = [row for label, _, overrides in TRAIN_CASES if not overrides and (row := steps.get(label))]
+  if shipped:
+    # The fastest shipped config consumes the most images per second; the default loader (decoded in
+    # memory, no worker processes) for the same batches must deliver 3x that.
+    fastest = max(shipped, key=lambda row: row["images_per_s"])
+    loader = next((row for row in results.get("loader", []) if row["decoded"] == "in memory"
+                   and row["workers"] == 0 and row["sampling"] == fastest["sampling"]
+                   and row["batch"] == fastest["batch"] and row["image_size"] == fastest["image_size"]), None)
+    if loader:
+      ratio = loader["images_per_s"] / fastest["images_per_s"]
+      add(f"loader (in memory, 0 workers) vs the fastest shipped step ({fastest['config']})",
+          f"{loader['images_per_s']:.0f} vs {fastest['images_per_s']:.0f} images/s = {ratio:.0f}x", ">= 3x",
+          ratio >= 3)
+  for row in results.get("fed_step", []):
+    add(f"step fed by the loader vs resident ({row['case']}, {row['workers']} workers)",
+        f"{row['slowdown_pct']:+.1f} %", "within 5 %", row["slowdown_pct"] <= 5)
+  for row in results.get("evaluation", []):
+    if row.get("model") == "conv4" and "images_per_s" in row:
+      add("conv4 28x28 embedding for evaluation", f"{row['images_per_s']:.0f} images/s", ">= 5,000 images/s",
+          row["images_per_s"] >= 5000)
+  return targets
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclasses.dataclass
+class Context:
+  """What every section needs: the suite's repetition counts, the data, the measured peak."""
+
+  args: argparse.Namespace
+  settings: dict
+  data_dir: pathlib.Path | None
+  peak_gflops: float = 0.0
+
+  def config(self, name: str, **overrides):
+    import cases
+    return cases.load_config(name, data_dir=self.data_dir, cache_dir=self.args.cache_dir, **overrides)
+
+
+def measure_peak(context: Context) -> dict:
+  import jax
+  import common
+  size = context.args.matmul_size or (4096 if jax.default_backend() == "cpu" else 8192)
+  return common.matmul_peak(size, warmup=context.settings["matmul_warmup"],
+                            repeats=context.settings["matmul_repeats"])
+
+
+def section_peak(context: Context) -> dict:
+  """The peak every pct_of_peak divides by: the best repetition, so that a busy moment during the
+  measurement can only make the percentages smaller, never flatter the step (it is measured again at
+  the end of the run, and the higher of the two is kept)."""
+  matmul = measure_peak(context)
+  context.peak_gflops = matmul["gflops_best"]
+  print(f"matmul peak: {context.peak_gflops:.0f} GFLOP/s (best of {matmul['repeats']}; median "
+        f"{matmul['gflops_median']:.0f})", flush=True)
+  return {"matmul": matmul, "matmul_peak_gflops": context.peak_gflops}
+
+
+def rescale_to_peak(results: dict, peak_gflops: float) -> None:
+  """Recomputes every pct_of_peak against the final peak."""
+  results["matmul_peak_gflops"] = peak_gflops
+  for key in ("train_step", "scaling"):
+    for row in results.get(key, []):
+      if "gflops_per_s" in row:
+        row["pct_of_peak"] = 100.0 * row["gflops_per_s"] / peak_gflops
+
+
+def section_train(context: Context) -> dict:
+  import cases
+  settings, rows = context.settings, []
+  for label, name, overrides in TRAIN_CASES:
+    steps = settings["koch_steps" if name == "omniglot_koch" else "conv_steps"]
+    row = cases.train_step_case(label, context.config(name, **overrides), warmup=settings["warmup"],
+                                repeats=settings["repeats"], steps_per_repeat=steps,
+                                peak_gflops=context.peak_gflops)
+    row["config"] = name
+    rows.append(row)
+    print(f"  {label}: {row['items_per_s']:.1f} {row['item']}/s, {row.get('pct_of_peak', 0):.1f} % of peak",
+          flush=True)
+  return {"train_step": rows}
+
+
+def section_loader(context: Context) -> dict:
+  """The Grain loader alone (host side), then the on-device augmentation alone."""
+  import cases
+  from siamese_jax.data import pipeline
+  settings, rows = context.settings, []
+  plans = [("omniglot", True, w) for w in settings["loader_workers"]]
+  plans += [("omniglot", False, w) for w in settings["lazy_workers"]]
+  plans += [("omniglot_koch", m, w) for m, w in settings["koch_loader"]]
+  train_sources = {}
+  for name, in_memory, workers in plans:
+    config = context.config(name, **{"data.in_memory": in_memory})
+    key = (config.data.image_size, in_memory)
+    if key not in train_sources:
+      train_sources[key] = pipeline.load_splits(config.data, seed=config.seed).train
+    if not in_memory and train_sources[key].images is not None:
+      continue  # a source that is always in memory (synthetic): the lazy case would repeat another
+    row = cases.loader_case(name, config, train_sources[key], workers=workers,
+                            warmup=settings["loader_warmup"], repeats=settings["repeats"],
+                            min_seconds=settings["loader_seconds"])
+    row["config"] = name
+    rows.append(row)
+    print(f"  loader {name}, {row['decoded']}, {workers} workers: {row['items_per_s']:.0f} {row['item']}/s",
+          flush=True)
+  for name in ("omniglot", "omniglot_koch"):
+    config = context.config(name)
+    row = cases.augment_case(f"{name}: augment_examples on device", config,
+                             train_sources[(config.data.image_size, True)], warmup=settings["warmup"] + 1,
+                             repeats=settings["repeats"])
+    row["config"] = f"{name} (augment)"
+    rows.append(row)
+    print(f"  augment {name}: {row['items_per_s']:.0f} {row['item']}/s", flush=True)
+  return {"loader": rows}
+
+
+def section_fed(context: Context) -> dict:
+  import cases
+  settings, rows = context.settings, []
+  for workers in settings["fed_workers"]:
+    row = cases.fed_step_case("omniglot (conv4, prototypical)", context.config("omniglot"), workers=workers,
+                              warmup=settings["warmup"], repeats=settings["repeats"],
+                              steps_per_repeat=settings["fed_steps"])
+    rows.append(row)
+    print(f"  step fed by the loader ({workers} workers): {row['slowdown_pct']:+.1f} % vs resident", flush=True)
+  return {"fed_step": rows}
+
+
+def section_eval(context: Context) -> dict:
+  import cases
+  settings = context.settings
+  rows = cases.evaluation_cases("omniglot conv4", context.config("omniglot"), warmup=1,
+                                repeats=settings["eval_repeats"])
+  if settings["koch_embed"]:
+    rows += cases.evaluation_cases("omniglot_koch", context.config("omniglot_koch"), warmup=1, repeats=3,
+                                   embed_limit=2048)
+  for row in rows:
+    print(f"  {row['case']}: {row['seconds_median']:.3f} s", flush=True)
+  return {"evaluation": rows}
+
+
+def section_scaling(context: Context) -> dict:
+  import jax
+  if jax.default_backend() != "cpu":  # real devices: this process already sees them all
+    return {"scaling": run_scaling(context)}
+  # Fake CPU devices must be set before JAX starts, and would change the other cases' process; so on
+  # CPU, scaling runs in a child process of this script with 8 devices.
+  with tempfile.TemporaryDirectory() as folder:
+    out = pathlib.Path(folder) / "scaling.json"
+    args = context.args
+    command = [sys.executable, str(pathlib.Path(__file__).resolve()), "--scaling-child", str(out),
+               "--cache-dir", args.cache_dir] + (["--quick"] if args.quick else []) + \
+              (["--synthetic"] if args.synthetic else [])
+    environment = dict(os.environ, BENCHMARK_PEAK_GFLOPS=str(context.peak_gflops))
+    subprocess.run(command, check=True, env=environment)
+    return {"scaling": json.loads(out.read_text())}
+
+
+def run_scaling(context: Context) -> list[dict]:
+  """The same global batch over 1, 2, 4, 8 devices with each strategy."""
+  import jax
+  import cases
+  settings, rows = context.settings, []
+  counts = [n for n in SCALING_DEVICES if n <= len(jax.devices())]
+  for strategy in ("shard_map", "pmap"):
+    for n in counts:
+      config = context.config("omniglot", num_devices=n, strategy=strategy)
+      row = cases.train_step_case("omniglot (conv4, prototypical)", config, warmup=settings["warmup"],
+                                  repeats=settings["scaling_repeats"],
+                                  steps_per_repeat=settings["scaling_steps"], peak_gflops=context.peak_gflops)
+      row["config"] = "omniglot"
+      rows.append(row)
+      print(f"  scaling {strategy} x{n}: {row['items_per_s']:.0f} {row['item']}/s", flush=True)
+  for row in rows:
+    one = next(r for r in rows if r["strategy"] == row["strategy"] and r["devices"] == 1)
+    row["vs_one_device"] = row["items_per_s"] / one["items_per_s"]
+  return rows
+
+
+SECTIONS = {"peak": section_peak, "train": section_train, "loader": section_loader, "fed": section_fed,
+            "eval": section_eval, "scaling": section_scaling}
+
+
+def main(args) -> None:
+  started = time.perf_counter()
+  import jax
+  from absl import flags
+  flags.FLAGS.mark_as_parsed()  # Grain worker processes fail until absl flags count as parsed
+  suite = "quick" if args.quick else "full"
+
+  if args.scaling_child:
+    # Before any JAX call (even jax.default_backend() starts the backends); ignored off CPU.
+    jax.config.update("jax_num_cpu_devices", max(SCALING_DEVICES))
+    import cases
+    context = Context(args, SUITES[suite], None if args.synthetic else cases.find_omniglot_dir(),
+                      float(os.environ["BENCHMARK_PEAK_GFLOPS"]))
+    pathlib.Path(args.scaling_child).write_text(json.dumps(run_scaling(context)))
+    return
+
+  import common
+  import cases
+  selected = set(args.only.split(",")) if args.only else set(SECTIONS)
+  unknown = selected - set(SECTIONS)
+  if unknown:
+    sys.exit(f"error: --only: unknown section(s) {sorted(unknown)}; choose from {list(SECTIONS)}")
+  selected.add("peak")  # every pct_of_peak of this run divides by the peak measured in it
+  context = Context(args, SUITES[suite], None if args.synthetic else cases.find_omniglot_dir())
+  machine = common.machine_info()
+  if args.machine:
+    machine["machine"] = args.machine
+  data = (f"omniglot from {context.data_dir}" if context.data_dir else
+          "synthetic (--synthetic)" if args.synthetic else "synthetic (no Omniglot found)")
+  results = {"suite": suite, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+             "machine": machine, "data": data,
+             "command": " ".join([pathlib.Path(sys.executable).name] + sys.argv),
+             "section_seconds": {"startup": time.perf_counter() - started}}
+  results["load_average_start"] = os.getloadavg()
+  print(f"{machine['machine']}: {machine['device_count']} x {machine['device_kind']}, {suite} suite, "
+        f"data: {data}", flush=True)
+  if os.getloadavg()[0] > 0.5 * common.cpu_count():
+    print(f"warning: load average {os.getloadavg()[0]:.1f} on {common.cpu_count()} cores: other processes are "
+          "running, and the numbers will be low and noisy", flush=True)
+  for name, section in SECTIONS.items():
+    if name in selected:
+      section_started = time.perf_counter()
+      results.update(section(context))
+      results["section_seconds"][name] = time.perf_counter() - section_started
+
+  matmul_end = measure_peak(context)
+  results["matmul_end"] = matmul_end
+  print(f"matmul peak again: {matmul_end['gflops_best']:.0f} GFLOP/s", flush=True)
+  rescale_to_peak(results, max(context.peak_gflops, matmul_end["gflops_best"]))
+  results["load_average_end"] = os.getloadavg()
+  results["targets"] = check_targets(results)
+  results["total_seconds"] = time.perf_counter() - started
+  results["process_max_rss_mb"] = common.process_max_rss_mb()
+  # A partial run (--only) never overwrites the suite's file.
+  out = pathlib.Path(args.out) / (f"{machine['machine']}.json" if not args.only else
+                                  f"{machine['machine']}-partial.json")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(results, indent=2) + "\n")
+  print()
+  print(report_tables(results))
+  print(f"\n{suite} suite: {results['total_seconds']:.0f} s; wrote {out}")
+
+
+if __name__ == "__main__":  # Grain spawns worker processes, which re-import this file
+  main(parse_args())

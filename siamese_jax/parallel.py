@@ -80,7 +80,7 @@ class DataParallel:
     return jax.tree.map(self._replicate, state)
 
   def _replicate(self, x) -> jax.Array:
-    copies = [jax.device_put(x, device) for device in self.replicated.addressable_devices]
+    copies = [jax.device_put(x, device) for device in self.local_devices]
     return jax.make_array_from_single_device_arrays(np.shape(x), self.replicated, copies)
 
   def get_state(self, state: Any) -> Any:

@@ -6,7 +6,6 @@ injected into the step (a NaN loss at a chosen step).
 """
 
 import json
-import os
 import pathlib
 import random
 import shutil

@@ -39,6 +39,12 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, the re
 flags.DEFINE_enum("mode", "train", MODES, "train (then evaluate on the test classes) | eval | calibrate | export | "
                   "compare | gallery | openset | plots: see the module docstring.")
 flags.mark_flags_as_required(["workdir"])
+# Training on several processes (several hosts, or one process per GPU): README "Scaling out".
+flags.DEFINE_string("coordinator_address", None, "train on several processes: host:port where process 0 listens "
+                    "(or $JAX_COORDINATOR_ADDRESS). Unset, and no SLURM/TPU cluster detected: one process.")
+flags.DEFINE_integer("num_processes", None, "train on several processes: how many (or $JAX_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", None, "train on several processes: this one's id, 0 .. num_processes-1 (or "
+                     "$JAX_PROCESS_ID).")
 # Modes on a trained workdir.
 flags.DEFINE_string("checkpoint", "best", "Checkpoint to use: best (by validation accuracy), latest, a step number, "
                     "or the path of a <workdir>/checkpoints/<step> directory.")
@@ -75,6 +81,7 @@ flags.DEFINE_integer("batch_size", None, "Images embedded per call (default: the
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from siamese_jax import distributed
   from siamese_jax.errors import UserError
 
   FLAGS = flags.FLAGS
@@ -85,7 +92,12 @@ def main(argv):
       from siamese_jax import train
       if config is None:
         raise UserError("--config is required to train (e.g. --config=configs/omniglot.py).")
-      print_results(train.train_and_evaluate(config, workdir))
+      # Before anything touches a device: every process then sees the devices of all.
+      if distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id):
+        logging.set_verbosity(logging.WARNING if distributed.is_main_process() else logging.ERROR)
+      results = train.train_and_evaluate(config, workdir)
+      if distributed.is_main_process():
+        print_results(results)
     elif mode == "eval":
       from siamese_jax import evaluate
       results = evaluate.evaluate_workdir(
@@ -121,6 +133,11 @@ def main(argv):
   except UserError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
+  except FloatingPointError as error:  # names the step and the newest (clean) checkpoint
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(1)
+  except distributed.PeerFailure as error:  # another process died: end at once, skipping JAX's shutdown
+    distributed.exit_after_peer_failure(error)
 
 
 def integers(values: list[str], name: str) -> tuple[int, ...]:

@@ -2,7 +2,8 @@ r"""Omniglot, fast default for CPU: 4-block conv embedding at 28x28, prototype l
 
 Command (the README's main job):
   OMNIGLOT_DIR=../shared/data/omniglot python launch.py --config=configs/omniglot.py --workdir=runs/omniglot
-Expected (2 CPU cores): see the README's results table (time and 20-way within-alphabet accuracy).
+Expected (2 CPU cores, measured): 10.8 min of training (11 min wall); Lake's 20 runs 90.5 %, 20-way 1-shot
+within-alphabet 77.4 % +- 0.7 and unstructured 91.9 % +- 0.4 on the evaluation alphabets (README table).
 `:smoke` shrinks everything to seconds for tests and CI:
   python launch.py --config=configs/omniglot.py:smoke --workdir=/tmp/smoke
 """

@@ -37,12 +37,13 @@ SCALING_DEVICES = (1, 2, 4, 8)
 SUITES = {
     "quick": dict(matmul_warmup=2, matmul_repeats=5, warmup=1, repeats=3, conv_steps=4, koch_steps=1,
                   loader_warmup=32, loader_seconds=0.3, loader_workers=(0, 1, 2), lazy_workers=(0, 2),
-                  koch_loader=((True, 0), (False, 0)), fed_workers=(0,), fed_steps=4, eval_repeats=3,
-                  koch_embed=False, scaling_steps=3, scaling_repeats=3),
+                  koch_loader=((True, 0), (False, 0)), fed_workers=(0,), fed_steps=6, fed_repeats=5,
+                  eval_repeats=3, koch_embed=False, scaling_steps=3, scaling_repeats=3),
     "full": dict(matmul_warmup=3, matmul_repeats=10, warmup=2, repeats=7, conv_steps=20, koch_steps=2,
                  loader_warmup=64, loader_seconds=1.5, loader_workers=(0, 1, 2), lazy_workers=(0, 1, 2),
                  koch_loader=tuple((m, w) for m in (True, False) for w in (0, 1, 2)), fed_workers=(0, 1),
-                 fed_steps=20, eval_repeats=7, koch_embed=True, scaling_steps=10, scaling_repeats=5),
+                 fed_steps=20, fed_repeats=7, eval_repeats=7, koch_embed=True, scaling_steps=10,
+                 scaling_repeats=5),
 }
 
 # Train-step cases: (label, config module, overrides). The third is the conv4 target:
@@ -282,7 +283,7 @@ def section_fed(context: Context) -> dict:
   settings, rows = context.settings, []
   for workers in settings["fed_workers"]:
     row = cases.fed_step_case("omniglot (conv4, prototypical)", context.config("omniglot"), workers=workers,
-                              warmup=settings["warmup"], repeats=settings["repeats"],
+                              warmup=settings["warmup"], repeats=settings["fed_repeats"],
                               steps_per_repeat=settings["fed_steps"])
     rows.append(row)
     print(f"  step fed by the loader ({workers} workers): {row['slowdown_pct']:+.1f} % vs resident", flush=True)

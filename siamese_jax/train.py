@@ -187,10 +187,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     workdir.mkdir(parents=True, exist_ok=True)
   except OSError as error:
     raise UserError(f"cannot create workdir {workdir}: {error}") from error
+  built = setup(config)  # first, so a config mistake never overwrites a run's config.json
   if is_main:
     with checkpoint.disk_errors(workdir):
       (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-  built = setup(config)
   try:
     distributed.wait_for_all("setup_done")  # data loading takes each host its own time
     with checkpoint.disk_errors(workdir):

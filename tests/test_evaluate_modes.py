@@ -15,14 +15,13 @@ import subprocess
 import sys
 import zipfile
 
-import ml_collections
 import numpy as np
 import pytest
 from absl import flags
 from PIL import Image
 
 import launch
-from siamese_jax import checkpoint, evaluate, inference, models, train
+from siamese_jax import checkpoint, evaluate, inference, train
 from siamese_jax.errors import UserError
 from trained_workdir import TEST_CLASSES, copy_of, smoke_config, trained_workdir
 

@@ -241,7 +241,7 @@ def test_initialize_names_what_is_wrong(no_distributed_environment, monkeypatch,
 
 def test_initialize_without_a_coordinator_fails_in_bounded_time(no_distributed_environment):
   started = time.monotonic()
-  with pytest.raises(UserError, match=f"process 1 found no coordinator at 127.0.0.1:.* within 1 s"):
+  with pytest.raises(UserError, match="process 1 found no coordinator at 127.0.0.1:.* within 1 s"):
     distributed.initialize(f"127.0.0.1:{free_port()}", 2, 1, initialization_timeout_seconds=1)
   assert time.monotonic() - started < 10
 

@@ -1,7 +1,6 @@
 """Tests of siamese_jax.data.omniglot on tiny fake releases, and on the real data when it is there."""
 
 import io
-import os
 import pathlib
 import shutil
 import socket

@@ -220,6 +220,9 @@ def print_results(results: dict) -> None:
         lines.append(f"  {mode:>12} {setting:>10}: {100 * value['mean']:.1f} % +- {100 * value['ci95']:.1f}")
       else:
         lines.append(f"  {mode:>12} {setting:>10}: skipped ({value.get('skipped')})")
+  for setting, value in results.get("vinyals", {}).items():
+    if "mean" in value:
+      lines.append(f"  {'Vinyals test':>12} {setting:>10}: {100 * value['mean']:.1f} % +- {100 * value['ci95']:.1f}")
   if "verification" in results:
     test, threshold = results["verification"]["test"], results["verification"]["threshold"]
     lines.append(f"  verification: ROC-AUC {test['roc_auc']:.4f}, EER {100 * test['eer']:.2f} %, accuracy "

@@ -25,6 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.channels = 1  # 1 = grayscale, 3 = RGB
   config.data.in_memory = True  # decode once into RAM; False decodes on each access (data larger than memory)
   config.data.cache_dir = ""  # "" = no on-disk cache of decoded arrays; else a directory for it
+  config.data.omniglot_split = "lake"  # lake: background/evaluation alphabets | vinyals: rotated splits
   config.data.validation = "alphabets"  # alphabets | drawers | none: held out of the 30 background alphabets
   config.data.num_validation_alphabets = 5  # with validation=alphabets
   config.data.validation_drawers = (13, 14, 15, 16, 17, 18, 19, 20)  # with validation=drawers
@@ -45,6 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.sampling.batch_size = 240  # global batch: examples (pairs, triplets or images) per step
   config.sampling.m_per_class = 5  # m_per_class: images per class in a batch
   config.sampling.same_group_negative_probability = 0.0  # pairs/triplets: negatives from the same alphabet
+  config.sampling.classes_per_group = 0  # m_per_class: 0 = classes from anywhere; c = whole alphabets, <= c each
 
   config.augment = augment.default_config()  # Koch et al. affine distortions, on device inside the step
   config.augment.translate_px = 1.0  # +-1 px at 28x28 (the paper's +-2 px was at 105x105)
@@ -76,7 +78,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.skip_nonfinite_updates = False  # skip (and count) NaN/inf updates; False = stop with an error
 
   config.eval = ml_collections.ConfigDict()
-  config.eval.validation_ways = 20  # validation: N-way 1-shot within-alphabet episodes
+  config.eval.validation_ways = 20  # validation: N-way 1-shot episodes
+  config.eval.validation_within_group = True  # validation episodes within one alphabet (Lake) or across
   config.eval.validation_episodes = 300  # Koch et al. used 320 validation trials
   config.eval.test_ways = (5, 20)  # final report on the evaluation alphabets
   config.eval.test_shots = (1, 5)

@@ -310,6 +310,15 @@ def one_shot_report(embeddings: np.ndarray, labels: np.ndarray, class_groups: np
   return report
 
 
+def vinyals_report(embeddings: np.ndarray, source, *, ways: Sequence[int], shots: Sequence[int], queries: int,
+                   num_episodes: int, seed: int, pair_score_fn: PairScoreFn | None = None) -> dict:
+  """Vinyals et al.'s protocol on its test classes: N-way K-shot episodes drawn across all 1,692 rotated
+  classes (unstructured), {"<N>way<K>shot": {"mean", "ci95", "episodes"}}."""
+  return one_shot_report(embeddings, source.labels, source.class_groups, ways=ways, shots=shots,
+                         queries=queries, num_episodes=num_episodes, seed=seed, modes=("unstructured",),
+                         pair_score_fn=pair_score_fn)["unstructured"]
+
+
 def check_episode_settings(labels: np.ndarray, class_groups: np.ndarray, *, ways: Sequence[int],
                            shots: Sequence[int], queries: int, split: str = "test") -> None:
   """Raises UserError when a requested N or K cannot be met by any mode on this split.
@@ -907,10 +916,20 @@ def evaluate_workdir(workdir: str | pathlib.Path, *, checkpoint: str = "best", c
   if run_config.eval.lake_runs and splits.lake_runs:
     results["lake_runs"] = lake_runs_accuracy(model.embed_fn, model.variables, splits.lake_runs,
                                               batch_size=batch_size, pair_score_fn=pair_score_fn)
+  elif run_config.data.get("omniglot_split") == "vinyals":
+    results["lake_runs"] = {"skipped": "not scored for the Vinyals split: it trains on characters of the "
+                                       "evaluation alphabets that Lake's runs are drawn from"}
   else:
     results["lake_runs"] = {"skipped": "Lake's runs are Omniglot's (all_runs.zip in the data folder) and "
                                        "eval.lake_runs must be true"}
   lap("lake_runs")
+  if splits.vinyals_test is not None:
+    vinyals = splits.vinyals_test
+    vinyals_embeddings = embeddings if vinyals is test else model.embed(vinyals, batch_size=batch_size,
+                                                                        progress=progress)
+    results["vinyals"] = vinyals_report(vinyals_embeddings, vinyals, ways=ways, shots=shots, queries=queries,
+                                        num_episodes=num_episodes, seed=seed, pair_score_fn=pair_score_fn)
+    lap("vinyals")
 
   record = calibrate(model, splits, scoring=scoring, method=threshold_method, target_far=target_far,
                      num_pairs=num_pairs, seed=seed, batch_size=batch_size, progress=progress)

@@ -127,7 +127,8 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
                                       train_source.class_names),
       kind=config.sampling.kind, batch_size=config.sampling.batch_size, seed=config.seed,
       m_per_class=config.sampling.m_per_class,
-      same_group_negative_probability=config.sampling.same_group_negative_probability)
+      same_group_negative_probability=config.sampling.same_group_negative_probability,
+      classes_per_group=config.sampling.classes_per_group)
   losses.check_batch_kind(config.loss.name, loss_options, sampler.kind)
   model = models.create(config.model, image_shape=train_source.image_shape, rngs=nnx.Rngs(config.seed))
   if config.loss.name == "koch_bce" and not models.has_pair_head(model):
@@ -155,18 +156,21 @@ def variables_of(state: TrainState):
 
 
 def validation_accuracy(embed_fn, state: TrainState, source, eval_config, seed: int) -> float:
-  """Mean N-way 1-shot within-group accuracy on the validation classes (fixed episodes).
+  """Mean N-way 1-shot accuracy on the validation classes (fixed episodes), within one group unless
+  eval.validation_within_group is false.
 
   `state` must be addressable by this process (`DataParallel.local_copy`): every process embeds on its
   own, with no program spanning processes.
   """
   embeddings = evaluate.embed_images(embed_fn, variables_of(state), pipeline.all_images(source),
                                      eval_config.batch_size)
-  ways = min(eval_config.validation_ways, int(np.bincount(source.class_groups).max()))
-  episodes = evaluate.sample_episodes(source.labels, source.class_groups, ways=ways, shots=1,
+  within = eval_config.get("validation_within_group", True)  # absent from configs written before it existed
+  largest = int(np.bincount(source.class_groups).max()) if within else source.num_classes
+  episodes = evaluate.sample_episodes(source.labels, source.class_groups,
+                                      ways=min(eval_config.validation_ways, largest), shots=1,
                                       queries=eval_config.queries_per_class,
                                       num_episodes=eval_config.validation_episodes, seed=seed,
-                                      within_group=True)
+                                      within_group=within)
   return float(evaluate.episode_accuracies(embeddings, episodes).mean())
 
 
@@ -402,4 +406,11 @@ def final_report(embed_fn, state: TrainState, splits: pipeline.Splits, config, *
         num_episodes=eval_config.test_episodes, seed=config.seed)
   if eval_config.lake_runs and splits.lake_runs:
     results["lake_runs"] = evaluate.lake_runs_accuracy(embed_fn, variables_of(state), splits.lake_runs)
+  if splits.vinyals_test is not None:
+    vinyals = splits.vinyals_test
+    vinyals_embeddings = embeddings if vinyals is test else evaluate.embed_images(
+        embed_fn, variables_of(state), pipeline.all_images(vinyals), eval_config.batch_size)
+    results["vinyals"] = evaluate.vinyals_report(
+        vinyals_embeddings, vinyals, ways=tuple(eval_config.test_ways), shots=tuple(eval_config.test_shots),
+        queries=eval_config.queries_per_class, num_episodes=eval_config.test_episodes, seed=config.seed)
   return results

@@ -323,3 +323,56 @@ def test_real_background_in_memory_with_cache(omniglot_dir, tmp_path_factory, re
   np.testing.assert_array_equal(source.images, again.images)
   for index in (0, 12345, 19279):
     np.testing.assert_array_equal(source[index], real_background[index])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Vinyals et al.'s rotated split, on the real files.
+
+@pytest.fixture(scope="module")
+def real_characters(omniglot_dir):
+  load = lambda subset: omniglot.omniglot_source(subset, data_dir=omniglot_dir, image_shape=(28, 28, 1),
+                                                 download=False)
+  return omniglot.vinyals_characters(load("background"), load("evaluation"))
+
+
+@pytest.mark.parametrize("split, classes", [("train", 4112), ("val", 688), ("trainval", 4800), ("test", 1692)])
+def test_vinyals_split_sizes(real_characters, omniglot_dir, split, classes):
+  # Published sizes: 1,200 training characters (1,028 train + 172 val) and 423 test characters, x 4 turns.
+  source = omniglot.vinyals_source(split, real_characters, data_dir=omniglot_dir)
+  assert source.num_classes == classes
+  assert len(source) == 20 * classes and np.all(np.bincount(source.labels) == 20)
+  assert source.images.shape == (20 * classes, 28, 28, 1)
+
+
+def test_vinyals_test_characters_are_unseen_by_both_trainings(real_characters, omniglot_dir):
+  characters = lambda s: {name.rsplit("/", 1)[0] for name in s.class_names}
+  test = omniglot.vinyals_source("test", real_characters, data_dir=omniglot_dir)
+  trainval = omniglot.vinyals_source("trainval", real_characters, data_dir=omniglot_dir)
+  assert len(characters(test)) == 423 and not characters(test) & characters(trainval)
+  background = set(real_characters.class_names[:964])  # the background set comes first
+  assert not characters(test) & background  # so a background-trained model never saw them either
+
+
+def test_vinyals_rotations_are_quarter_turns_of_the_same_drawings(real_characters, omniglot_dir):
+  test = omniglot.vinyals_source("test", real_characters, data_dir=omniglot_dir)
+  first = test.class_names[0].rsplit("/", 1)[0]
+  by_turn = {}
+  for degrees in (0, 90, 180, 270):
+    records = np.flatnonzero(test.labels == test.class_names.index(f"{first}/rot{degrees:03d}"))
+    assert [test.file_ids[r].rsplit("#", 1)[1] for r in records] == [f"rot{degrees:03d}"] * 20
+    by_turn[degrees] = test.images[records]
+    # Same group (alphabet) for every turn.
+    assert test.group_names[test.class_groups[test.labels[records[0]]]] == first.split("/")[0]
+  for degrees in (90, 180, 270):
+    np.testing.assert_array_equal(by_turn[degrees], np.rot90(by_turn[0], k=degrees // 90, axes=(1, 2)))
+  assert not np.array_equal(by_turn[90], by_turn[0])  # a drawing is not its own quarter turn
+
+
+def test_vinyals_bad_line_and_missing_file_are_user_errors(real_characters, tmp_path):
+  folder = tmp_path / "splits" / "vinyals"
+  folder.mkdir(parents=True)
+  (folder / "train.txt").write_text("Greek/character01/rot000\nGreek/character01/rot045\n")
+  with pytest.raises(UserError, match=r"train.txt:2: 'Greek/character01/rot045' is not"):
+    omniglot.vinyals_source("train", real_characters, data_dir=tmp_path)
+  with pytest.raises(UserError, match=r"splits/vinyals/val.txt not found"):
+    omniglot.vinyals_source("val", real_characters, data_dir=tmp_path)

@@ -233,3 +233,43 @@ def test_bad_split_fractions_name_the_fields(test_fraction, validation_fraction)
                         validation_fraction=validation_fraction)
   with pytest.raises(UserError, match="data.test_fraction=.* and data.validation_fraction="):
     pipeline.load_splits(config.data, seed=0)
+
+
+@pytest.fixture(scope="module")
+def omniglot_cache(tmp_path_factory):
+  return tmp_path_factory.mktemp("decoded")  # decoded once, then read back by each load below
+
+
+def real_omniglot_config(omniglot_dir, cache, **data):
+  config = small_config(source="omniglot", data_dir=str(omniglot_dir), image_size=28, download=False,
+                        cache_dir=str(cache))
+  config.data.update(data)
+  return config
+
+
+def test_omniglot_lake_splits_also_carry_the_vinyals_test_classes(omniglot_dir, omniglot_cache):
+  splits = pipeline.load_splits(real_omniglot_config(omniglot_dir, omniglot_cache).data, seed=0)
+  # 30 background alphabets (964 characters): 5 held out; test = the 20 evaluation alphabets.
+  assert splits.train.num_groups + splits.validation.num_groups == 30
+  assert splits.train.num_classes + splits.validation.num_classes == 964
+  assert splits.test.num_classes == 659 and len(splits.lake_runs) == 20
+  assert splits.vinyals_test.num_classes == 1692
+  test_characters = {name.rsplit("/", 1)[0] for name in splits.vinyals_test.class_names}
+  assert test_characters <= set(splits.test.class_names)  # evaluation characters, unseen in training
+
+
+@pytest.mark.parametrize("validation, sizes", [("alphabets", (4112, 688, 1692)), ("none", (4800, 0, 1692))])
+def test_omniglot_vinyals_splits(omniglot_dir, omniglot_cache, validation, sizes):
+  config = real_omniglot_config(omniglot_dir, omniglot_cache, omniglot_split="vinyals", validation=validation)
+  splits = pipeline.load_splits(config.data, seed=0)
+  check_disjoint(splits, sum(sizes), sizes)
+  assert splits.lake_runs == [] and splits.vinyals_test is splits.test
+
+
+@pytest.mark.parametrize("data, message", [
+    (dict(omniglot_split="vinyals", validation="drawers"), "expected 'alphabets' .* or 'none'"),
+    (dict(omniglot_split="koch"), "data.omniglot_split='koch' is not one of"),
+])
+def test_omniglot_split_mistakes_are_user_errors(omniglot_dir, omniglot_cache, data, message):
+  with pytest.raises(UserError, match=message):
+    pipeline.load_splits(real_omniglot_config(omniglot_dir, omniglot_cache, **data).data, seed=0)

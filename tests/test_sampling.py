@@ -92,6 +92,43 @@ def test_m_per_class_uses_every_image_of_a_class_with_exactly_m():
         assert set(block) == set(members)
 
 
+def batch_classes(sampler, step):
+  labels = sampler(step)[1][:, 0]
+  classes = labels[:: sampler.m_per_class]
+  np.testing.assert_array_equal(labels, np.repeat(classes, sampler.m_per_class))
+  return classes
+
+
+def test_classes_per_group_fills_batches_group_by_group(source):
+  # 4 classes a batch, at most 2 per group: group 0 has exactly 2 ({0, 1}), group 1 gives 2 of its 6, so
+  # whatever the group order, every batch is {0, 1} plus two distinct classes of group 1.
+  sampler = sampling.Sampler(index_of(source), "m_per_class", 8, seed=3, m_per_class=2, classes_per_group=2)
+  seen = set()
+  for step in range(40):
+    classes = batch_classes(sampler, step)
+    assert len(set(classes)) == 4 and {0, 1} <= set(classes)
+    assert np.all(source.class_groups[[c for c in classes if c > 1]] == 1)
+    seen |= set(classes)
+    np.testing.assert_array_equal(sampler(step)[0], sampler(step)[0])
+  assert seen == set(range(8))  # group 1's classes are drawn at random, not always the same two
+
+
+def test_classes_per_group_takes_the_first_group_whole_up_to_the_cap(source):
+  # At most 3 per group, 4 classes: group 0 first gives (2 from group 0, 2 from group 1); group 1 first
+  # gives (3 from group 1, 1 from group 0). Both orders occur; no other split can.
+  sampler = sampling.Sampler(index_of(source), "m_per_class", 8, seed=4, m_per_class=2, classes_per_group=3)
+  splits = set()
+  for step in range(40):
+    groups = source.class_groups[batch_classes(sampler, step)]
+    splits.add((int(np.sum(groups == 0)), int(np.sum(groups == 1))))
+  assert splits == {(2, 2), (1, 3)}
+
+
+def test_classes_per_group_too_small_for_the_batch_is_a_user_error(source):
+  with pytest.raises(UserError, match="classes_per_group=1 gives at most 2 classes"):
+    sampling.Sampler(index_of(source), "m_per_class", 8, seed=0, m_per_class=2, classes_per_group=1)
+
+
 def same_group_fraction(source, probability, steps=100, batch_size=64):
   sampler = sampling.Sampler(index_of(source), "triplets", batch_size, seed=5,
                              same_group_negative_probability=probability)

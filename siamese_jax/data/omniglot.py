@@ -252,6 +252,82 @@ def split_background(source: sources.ImageSource, *,
   raise UserError(f"validation={validation!r}: expected 'alphabets', 'drawers' or 'none'")
 
 
+VINYALS_SPLITS = ("train", "val", "trainval", "test")
+_VINYALS_LINE = re.compile(r"^([^/]+/character\d+)/rot(000|090|180|270)$")
+
+
+def vinyals_source(split: str, characters: sources.ImageSource, *,
+                   data_dir: str | os.PathLike | None = None) -> sources.ImageSource:
+  """One split of Vinyals et al. (2016): listed characters, each rotated by 0/90/180/270 degrees.
+
+  `<data_dir>/splits/vinyals/<split>.txt` lists one class per line, "Alphabet/characterNN/rotDDD"
+  (train 4,112 classes, val 688, trainval 4,800 = 1,200 characters x 4, test 1,692 = 423 x 4);
+  `characters` holds all 1,623 characters (background and evaluation sets, as `vinyals_characters`
+  builds). A rotation makes a new class of the same alphabet (its group). Rotation is counter-clockwise
+  by the given degrees on the already resized images (a quarter turn commutes with square resizing).
+  """
+  if split not in VINYALS_SPLITS:
+    raise UserError(f"Vinyals split {split!r}: expected one of {VINYALS_SPLITS}")
+  path = resolve_data_dir(data_dir) / "splits" / "vinyals" / f"{split}.txt"
+  if not path.is_file():
+    raise UserError(f"Vinyals split file {path} not found (folder from {_where(data_dir)}); expected "
+                    f"splits/vinyals/{{train,val,trainval,test}}.txt beside the Omniglot zips, one "
+                    "'Alphabet/characterNN/rotDDD' per line")
+  class_of = {name: c for c, name in enumerate(characters.class_names)}
+  lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+  order = np.argsort(characters.labels, kind="stable")
+  starts = np.searchsorted(characters.labels[order], np.arange(characters.num_classes + 1))
+  images, labels, file_ids, drawers, class_names, class_groups = [], [], [], [], [], []
+  group_names: list[str] = []
+  for number, line in enumerate(lines, 1):
+    match = _VINYALS_LINE.match(line)
+    if not match or match.group(1) not in class_of:
+      raise UserError(f"{path}:{number}: {line!r} is not 'Alphabet/characterNN/rotDDD' (DDD in 000, 090, "
+                      "180, 270) naming an Omniglot character")
+    character, degrees = match.group(1), int(match.group(2))
+    records = order[starts[class_of[character]]:starts[class_of[character] + 1]]
+    alphabet = character.split("/")[0]
+    if alphabet not in group_names:
+      group_names.append(alphabet)
+    images.append(np.rot90(_record_images(characters, records), k=degrees // 90, axes=(1, 2)))
+    labels.append(np.full(len(records), len(class_names), np.int32))
+    file_ids += [f"{characters.file_ids[r]}#rot{degrees:03d}" for r in records]
+    drawers.append(characters.drawers[records])
+    class_names.append(line)
+    class_groups.append(group_names.index(alphabet))
+  if not class_names:
+    raise UserError(f"{path}: lists no classes")
+  if len(set(class_names)) != len(class_names):
+    raise UserError(f"{path}: lists a class twice")
+  return sources.ImageSource(
+      labels=np.concatenate(labels), class_names=class_names, class_groups=class_groups,
+      group_names=group_names, file_ids=file_ids, drawers=np.concatenate(drawers),
+      image_shape=characters.image_shape, images=np.ascontiguousarray(np.concatenate(images)))
+
+
+def _record_images(source: sources.ImageSource, records: np.ndarray) -> np.ndarray:
+  if source.images is not None:
+    return source.images[records]
+  return np.stack([source[int(r)] for r in records])
+
+
+def vinyals_characters(background: sources.ImageSource,
+                       evaluation: sources.ImageSource) -> sources.ImageSource:
+  """All 1,623 characters in one source (class names "Alphabet/characterNN"), for `vinyals_source`."""
+  offset = background.num_classes
+  group_offset = background.num_groups
+  return sources.ImageSource(
+      labels=np.concatenate([background.labels, evaluation.labels + offset]),
+      class_names=background.class_names + evaluation.class_names,
+      class_groups=np.concatenate([background.class_groups, evaluation.class_groups + group_offset]),
+      group_names=background.group_names + evaluation.group_names,
+      file_ids=background.file_ids + evaluation.file_ids,
+      drawers=np.concatenate([background.drawers, evaluation.drawers]),
+      image_shape=background.image_shape,
+      images=np.concatenate([_record_images(background, np.arange(len(background))),
+                             _record_images(evaluation, np.arange(len(evaluation)))]))
+
+
 @dataclasses.dataclass(frozen=True)
 class LakeRun:
   """One of Lake et al.'s 20-way one-shot runs: match each test item to one training image.

@@ -98,14 +98,19 @@ class Splits:
   validation: Any  # None when no classes are held out for validation
   test: Any
   lake_runs: list = dataclasses.field(default_factory=list)  # Omniglot only: Lake's 20 official runs
+  vinyals_test: Any = None  # Omniglot only: Vinyals et al.'s 1,692 rotated test classes (None if no split files)
 
 
 def load_splits(data_config, seed: int) -> Splits:
   """Builds the splits named by `data_config.source`; test classes are never trained on.
 
-  omniglot: train/validation from the 30 background alphabets (held-out alphabets or drawers), test =
-  the 20 evaluation alphabets, plus Lake's runs when all_runs.zip is present. folder / tfds: classes
-  are split by a seeded draw.
+  omniglot, data.omniglot_split="lake": train/validation from the 30 background alphabets (held-out
+  alphabets or drawers), test = the 20 evaluation alphabets, plus Lake's runs when all_runs.zip is
+  present. omniglot_split="vinyals": Vinyals et al.'s rotated character splits (train + val, or trainval
+  with validation="none"; test), and no Lake's runs: their characters come from alphabets that split
+  partly trains on. Both also carry the Vinyals test classes when splits/vinyals/ is present (all 423
+  characters are from evaluation alphabets, so unseen by a background-trained model).
+  folder / tfds: classes are split by a seeded draw.
   """
   from siamese_jax.data import omniglot, sources  # heavy imports (PIL, TFDS) only when loading data
 
@@ -117,13 +122,30 @@ def load_splits(data_config, seed: int) -> Splits:
     data_dir = omniglot.resolve_data_dir(data_config.data_dir or None)
     load = functools.partial(omniglot.omniglot_source, data_dir=data_dir, download=data_config.download,
                              **common)
+    background, evaluation = load("background"), load("evaluation")
+    split = data_config.get("omniglot_split", "lake")  # absent from configs written before it existed
+    has_vinyals = (data_dir / "splits" / "vinyals").is_dir()
+    characters = omniglot.vinyals_characters(background, evaluation) if (
+        has_vinyals or split == "vinyals") else None
+    vinyals = functools.partial(omniglot.vinyals_source, characters=characters, data_dir=data_dir)
+    if split == "vinyals":
+      if data_config.validation not in ("alphabets", "none"):
+        raise UserError(f"data.validation='{data_config.validation}' with data.omniglot_split='vinyals': "
+                        "expected 'alphabets' (the split's own val.txt alphabets) or 'none' (train on "
+                        "trainval.txt).")
+      held_out = data_config.validation == "alphabets"
+      test = vinyals("test")
+      return Splits(vinyals("train" if held_out else "trainval"), vinyals("val") if held_out else None,
+                    test, [], test)
+    if split != "lake":
+      raise UserError(f"data.omniglot_split='{split}' is not one of ('lake', 'vinyals').")
     train, validation = omniglot.split_background(
-        load("background"), validation=data_config.validation,
+        background, validation=data_config.validation,
         num_validation_alphabets=data_config.num_validation_alphabets,
         validation_drawers=tuple(data_config.validation_drawers), seed=seed)
     lake_zip = data_dir / "all_runs.zip"
     lake_runs = omniglot.load_lake_runs(lake_zip, image_shape) if lake_zip.exists() else []
-    return Splits(train, validation, load("evaluation"), lake_runs)
+    return Splits(train, validation, evaluation, lake_runs, vinyals("test") if has_vinyals else None)
   if data_config.source == "folder":
     if not data_config.path:
       raise UserError("data.path must name the image folder when data.source='folder'.")

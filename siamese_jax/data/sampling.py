@@ -114,6 +114,10 @@ class Sampler:
 
   kind: "pairs" (k=2, half same-class, half different, interleaved), "triplets" (k=3: anchor, positive,
   negative) or "m_per_class" (k=1: batch_size / m classes with m distinct images each).
+
+  classes_per_group (m_per_class only): 0 draws the batch's classes from anywhere; c > 0 draws them as
+  whole groups (alphabets) in a random order, at most c random classes from each, so every class meets
+  other classes of its own alphabet in the batch: the in-batch negatives of Lake's within-alphabet test.
   """
 
   index: ClassIndex
@@ -122,6 +126,7 @@ class Sampler:
   seed: int
   m_per_class: int = 4
   same_group_negative_probability: float = 0.0
+  classes_per_group: int = 0
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -138,6 +143,14 @@ class Sampler:
       classes_needed = self.batch_size // self.m_per_class
       self.index.require(self.m_per_class, classes_needed, f"m-per-class sampling with m={self.m_per_class} "
                          f"and {classes_needed} classes per batch")
+      if self.classes_per_group < 0:
+        raise UserError(f"sampling.classes_per_group must be >= 0 (0 = off), got {self.classes_per_group}.")
+      reachable = int(np.minimum(self.index.group_counts, self.classes_per_group).sum())
+      if self.classes_per_group and reachable < classes_needed:
+        raise UserError(
+            f"sampling.classes_per_group={self.classes_per_group} gives at most {reachable} classes from the "
+            f"{len(self.index.group_counts)} groups, fewer than the {classes_needed} a batch needs "
+            f"(batch_size / m_per_class); raise it.")
     else:
       self.index.require(2, 2, f"{self.kind} sampling (a same-class pair needs two images)")
 
@@ -167,7 +180,10 @@ class Sampler:
   def _m_per_class(self, rng) -> tuple[np.ndarray, np.ndarray]:
     index = self.index
     num_chosen = self.batch_size // self.m_per_class
-    classes = rng.choice(index.num_classes, size=num_chosen, replace=False)
+    if self.classes_per_group:
+      classes = self._classes_by_group(rng, num_chosen)
+    else:
+      classes = rng.choice(index.num_classes, size=num_chosen, replace=False)
     # m distinct members per class: rank random keys, padding slots pushed last by an infinite key.
     keys = rng.random((num_chosen, index.members.shape[1]))
     keys[np.arange(index.members.shape[1])[None, :] >= index.member_counts[classes][:, None]] = np.inf
@@ -175,3 +191,18 @@ class Sampler:
     records = index.members[classes[:, None], slots].reshape(-1, 1)
     labels = np.repeat(classes, self.m_per_class).reshape(-1, 1)
     return records, labels.astype(np.int32)
+
+  def _classes_by_group(self, rng, num_chosen: int) -> np.ndarray:
+    """`num_chosen` classes: groups in a random order, up to `classes_per_group` random ones from each.
+
+    Sorting the classes by (rank of their group, random key) puts each group's classes in a random order
+    after the previous group's; a class's place in that order minus its group's first place is its rank
+    inside the group, and only ranks below classes_per_group are kept.
+    """
+    index = self.index
+    group_rank = rng.permutation(len(index.group_counts))[index.class_groups]
+    order = np.lexsort((rng.random(index.num_classes), group_rank))
+    sorted_groups = group_rank[order]
+    first_of_group = np.searchsorted(sorted_groups, sorted_groups, side="left")
+    rank_in_group = np.arange(index.num_classes) - first_of_group
+    return order[rank_in_group < self.classes_per_group][:num_chosen]

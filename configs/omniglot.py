@@ -86,6 +86,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.test_episodes = 1000
   config.eval.queries_per_class = 1  # query images per class in an episode
   config.eval.batch_size = 1024  # images embedded per call
+  config.eval.tta_shift_px = 0  # > 0: average each embedding over the image shifted +-N px (5 views)
   config.eval.lake_runs = True  # also score Lake's 20 official runs (all_runs.zip in data_dir)
 
   if arg == "smoke":

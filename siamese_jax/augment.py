@@ -61,6 +61,19 @@ def to_float(images: jax.Array) -> jax.Array:
   )
 
 
+def shifted_views(images: jax.Array, shift_px: int) -> jax.Array:
+  """[N, H, W, C] -> [5, N, H, W, C]: the images and their copies moved by `shift_px` whole pixels
+  right, left, down and up, background (0) filling the uncovered border (test-time augmentation)."""
+  s = int(shift_px)
+  if s < 0 or s >= min(images.shape[1], images.shape[2]):
+    raise UserError(f"eval.tta_shift_px={shift_px}: expected 0 <= shift < image side {images.shape[1]}")
+  padded = jnp.pad(images, ((0, 0), (s, s), (s, s), (0, 0)))
+  height, width = images.shape[1], images.shape[2]
+  # Window (dy, dx) of the padded image: content moved by (s - dy, s - dx).
+  return jnp.stack([padded[:, dy:dy + height, dx:dx + width]
+                    for dy, dx in ((s, s), (s, 0), (s, 2 * s), (0, s), (2 * s, s))])
+
+
 def _check_ranges(
   probability: Any, rotation_deg: Any, shear: Any, scale_min: Any, scale_max: Any, translate_px: Any
 ) -> None:

@@ -280,7 +280,7 @@ def load_trained_model(workdir: str | os.PathLike | None = None, *, checkpoint: 
   return TrainedModel(
       config=config, workdir=workdir_path, checkpoint_dir=step_dir, step=step, selected_by=selected_by,
       image_shape=image_shape, graphdef=graphdef, variables=(params, model_state),
-      embed_fn=models.make_embed_fn(graphdef),
+      embed_fn=models.make_embed_fn(graphdef, int(config.eval.get("tta_shift_px", 0))),
       pair_logits_fn=models.make_pair_logits_fn(graphdef) if models.has_pair_head(model) else None,
       config_hash=config_hash(config))
 

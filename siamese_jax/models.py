@@ -407,18 +407,26 @@ def _merge_eval(graphdef: nnx.GraphDef, variables: Any) -> nnx.Module:
   return model
 
 
-def make_embed_fn(graphdef: nnx.GraphDef) -> Callable[[Any, jax.Array], jax.Array]:
+def make_embed_fn(graphdef: nnx.GraphDef, tta_shift_px: int = 0) -> Callable[[Any, jax.Array], jax.Array]:
   """`embed_fn(variables, images_uint8 [N, H, W, C]) -> float32 [N, D]`, pure and jit-able.
 
   `variables` is the model's full nnx.State (`nnx.split(model)[1]`), or the tuple of states that
   `nnx.split(model, nnx.Param, ...)` returned, e.g. `(state.params, state.model_state)`.
   Runs in eval mode: batch statistics are read, never updated, and no mesh axis is needed.
+  `tta_shift_px` > 0 (config `eval.tta_shift_px`) averages each image's embedding with those of its
+  copies shifted by that many pixels in the four directions (`augment.shifted_views`): every user of
+  the embedding (validation, reports, export, compare) then sees the same averaged embedding.
   """
 
   def embed_fn(variables: Any, images: jax.Array) -> jax.Array:
     model = _merge_eval(graphdef, variables)
-    embeddings, _ = model(augment.to_float(images))
-    return embeddings.astype(jnp.float32)
+    images = augment.to_float(images)
+    if not tta_shift_px:
+      embeddings, _ = model(images)
+      return embeddings.astype(jnp.float32)
+    views = augment.shifted_views(images, tta_shift_px)
+    embeddings, _ = model(views.reshape(-1, *images.shape[1:]))  # eval mode: rows are independent
+    return embeddings.astype(jnp.float32).reshape(views.shape[0], images.shape[0], -1).mean(axis=0)
 
   return embed_fn
 

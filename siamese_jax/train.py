@@ -210,7 +210,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, built: Setup) -> dict:
   train_config = config.train
   parallel = built.parallel
   is_main = jax.process_index() == 0
-  embed_fn = models.make_embed_fn(built.graphdef)
+  embed_fn = models.make_embed_fn(built.graphdef, config.eval.tta_shift_px)
   checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=train_config.max_checkpoints)
   dataset = pipeline.train_dataset(built.splits.train, built.sampler, num_steps=train_config.num_steps,
                                    num_workers=config.data.num_workers, process_index=jax.process_index(),

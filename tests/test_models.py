@@ -288,3 +288,37 @@ def test_pair_logits_fn_needs_a_pair_head():
   graphdef, state = nnx.split(model)
   with pytest.raises(UserError, match="no pair head.*koch"):
     models.make_pair_logits_fn(graphdef)(state, np.zeros((1, 64)), np.zeros((1, 64)))
+
+
+def shifted_by_hand(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
+  """Content moved down dy and right dx (negative: up / left), zeros filling in."""
+  out = np.zeros_like(images)
+  height, width = images.shape[1:3]
+  out[:, max(dy, 0):height + min(dy, 0), max(dx, 0):width + min(dx, 0)] = \
+      images[:, max(-dy, 0):height + min(-dy, 0), max(-dx, 0):width + min(-dx, 0)]
+  return out
+
+
+def test_shifted_views_move_one_ink_pixel_by_whole_pixels():
+  image = np.zeros((1, 7, 7, 1), np.float32)
+  image[0, 3, 2, 0] = 1.0
+  views = np.asarray(augment.shifted_views(jnp.asarray(image), 2))
+  assert views.shape == (5, 1, 7, 7, 1)
+  where = [tuple(np.argwhere(view[0, ..., 0])[0]) for view in views]
+  # Itself, right, left (the ink at x=2 reaches x=0), down, up.
+  assert where == [(3, 2), (3, 4), (3, 0), (5, 2), (1, 2)]
+  assert np.all(views.sum(axis=(1, 2, 3, 4)) == 1.0)
+  with pytest.raises(UserError, match="tta_shift_px=7"):
+    augment.shifted_views(jnp.asarray(image), 7)
+
+
+def test_embed_fn_with_tta_averages_the_five_shifted_embeddings():
+  model, image_shape = tiny("conv4")
+  graphdef, state = nnx.split(model)
+  plain = jax.jit(models.make_embed_fn(graphdef))
+  images = random_images((3,) + image_shape)
+  expected = np.mean([plain(state, shifted_by_hand(images, dy, dx))
+                      for dy, dx in ((0, 0), (0, 2), (0, -2), (2, 0), (-2, 0))], axis=0)
+  averaged = jax.jit(models.make_embed_fn(graphdef, tta_shift_px=2))(state, images)
+  np.testing.assert_allclose(averaged, expected, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(averaged, plain(state, images), atol=1e-3)  # the views do change the embedding

@@ -42,5 +42,7 @@ def get_config(arg: str | None = None):
     config.train.checkpoint_every = 2
     config.train.log_every = 2
     config.eval.batch_size = 128
+  elif arg:
+    raise ValueError(f"unknown config variant '{arg}' (known: smoke)")
   return config
 

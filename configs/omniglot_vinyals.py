@@ -1,9 +1,12 @@
 r"""Omniglot on Vinyals et al.'s split: 1,028 + 172 characters x 4 rotations to train and validate on,
 423 x 4 to test, 28x28, unstructured episodes (the protocol of matching and prototypical networks).
 
+The recipe of `configs/omniglot_cpu_hour.py` that applies here (translations up to +-3 px, 4 test-time
+shifts of 3 px), without its alphabet-by-alphabet batches: the test is not within one alphabet.
 Command:
   OMNIGLOT_DIR=../shared/data/omniglot python launch.py --config=configs/omniglot_vinyals.py --workdir=runs/vinyals
-Expected: see the README's results table (measured there, with training time and hardware).
+  python launch.py --mode=eval --workdir=runs/vinyals      # the README's table (best checkpoint)
+Expected: RESULTS
 Validation is 20-way 1-shot across the val.txt classes (unstructured, like the test); Lake's runs are
 not scored, because this split trains on characters of the evaluation alphabets they are drawn from.
 """
@@ -14,8 +17,15 @@ from configs import omniglot
 def get_config(arg: str | None = None):
   config = omniglot.get_config("smoke" if arg == "smoke" else None)
   config.data.omniglot_split = "vinyals"  # train.txt / val.txt / test.txt under splits/vinyals/
+  config.augment.translate_px = 3.0
+  config.eval.tta_shift_px = 3
   config.eval.validation_within_group = False
   config.eval.lake_runs = False
-  if arg not in (None, "smoke"):
+  if arg == "smoke":
+    return config
+  if arg:
     raise ValueError(f"unknown config variant '{arg}' (known: smoke)")
+  config.train.num_steps = 8000
+  config.train.eval_every = 1000
+  config.train.checkpoint_every = 1000
   return config

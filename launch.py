@@ -213,7 +213,9 @@ def print_results(results: dict) -> None:
   where = f" ({checkpoint['path']}, {checkpoint['selected_by']})" if checkpoint else ""
   lines = [f"Results at step {results.get('step')}{where}:"]
   if "accuracy" in results.get("lake_runs", {}):
-    lines.append(f"  Lake's 20 runs (20-way 1-shot, within alphabet): {100 * results['lake_runs']['accuracy']:.1f} %")
+    lake = results["lake_runs"]
+    interval = f" +- {100 * lake['ci95']:.1f}" if "ci95" in lake else ""  # absent from older results
+    lines.append(f"  Lake's 20 runs (20-way 1-shot, within alphabet): {100 * lake['accuracy']:.1f} %{interval}")
   for mode, settings in results.get("episodes", {}).items():
     for setting, value in settings.items():
       if "mean" in value:

@@ -352,7 +352,8 @@ def lake_runs_from_costs(runs: Sequence, costs: Sequence[np.ndarray]) -> dict:
   Lake's `classification_run` (demo_classification.py, ftype='cost') gives each test item the training
   image of least cost (np.argmin: the first one on ties), counts the items whose image is their class's
   (`class_labels.txt`), and reports the error of each run; the benchmark's number is the mean over the
-  20 runs. Returns accuracy (0-1), error_percent (100 - 100 * accuracy, Lake's unit) and per_run.
+  20 runs. Returns accuracy (0-1), error_percent (100 - 100 * accuracy, Lake's unit), per_run and ci95
+  (half-width of the normal 95 % interval of the mean over runs: how far a rerun's score may move).
   """
   per_run = []
   for run, cost in zip(runs, costs, strict=True):
@@ -361,9 +362,10 @@ def lake_runs_from_costs(runs: Sequence, costs: Sequence[np.ndarray]) -> dict:
       raise ValueError(f"{run.name}: cost matrix {cost.shape}, expected {(len(run.test), len(run.training))}")
     per_run.append(float(np.mean(np.argmin(cost, axis=1) == np.asarray(run.answers))))
   if not per_run:
-    return {"accuracy": float("nan"), "error_percent": float("nan"), "per_run": [], "runs": []}
-  accuracy = float(np.mean(per_run))
-  return {"accuracy": accuracy, "error_percent": 100.0 * (1.0 - accuracy), "per_run": per_run,
+    return {"accuracy": float("nan"), "error_percent": float("nan"), "ci95": float("nan"), "per_run": [],
+            "runs": []}
+  accuracy, ci95 = mean_and_ci95(per_run)
+  return {"accuracy": accuracy, "error_percent": 100.0 * (1.0 - accuracy), "ci95": ci95, "per_run": per_run,
           "runs": [run.name for run in runs]}
 
 

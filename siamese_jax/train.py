@@ -314,7 +314,8 @@ def _train_and_evaluate(config, workdir: pathlib.Path, built: Setup) -> dict:
     writer.close()
     return {"step": step, "preempted": True}
   final_state = parallel.local_copy(parallel.get_state(device_state))
-  results = final_report(embed_fn, final_state, built.splits, config, step=int(final_state.step))
+  results = final_report(embed_fn, final_state, built.splits, config, step=int(final_state.step),
+                         graphdef=built.graphdef)
   results["training_seconds"] = time.perf_counter() - training_started
   results["best_validation_accuracy"] = loop_state["best_validation_accuracy"]
   if is_main:
@@ -392,9 +393,16 @@ class PreemptionSignal:
     self._previous = {}
 
 
-def final_report(embed_fn, state: TrainState, splits: pipeline.Splits, config, *, step: int) -> dict:
-  """One-shot accuracy on the test classes (and Lake's 20 runs for Omniglot), as a results dict."""
+def final_report(embed_fn, state: TrainState, splits: pipeline.Splits, config, *, step: int,
+                 graphdef=None) -> dict:
+  """One-shot accuracy on the test classes (and Lake's 20 runs for Omniglot), as a results dict.
+
+  Models with a pair head (koch) are scored by its probability, as `--mode=eval` does (`graphdef` given).
+  """
   eval_config = config.eval
+  pair_score_fn = None
+  if graphdef is not None and models.has_pair_head(nnx.merge(graphdef, state.params, state.model_state)):
+    pair_score_fn = models.make_pair_score_fn(graphdef, variables_of(state))
   results: dict[str, Any] = {"step": step}
   test = splits.test
   if len(test):
@@ -403,14 +411,16 @@ def final_report(embed_fn, state: TrainState, splits: pipeline.Splits, config, *
     results["episodes"] = evaluate.one_shot_report(
         embeddings, test.labels, test.class_groups, ways=tuple(eval_config.test_ways),
         shots=tuple(eval_config.test_shots), queries=eval_config.queries_per_class,
-        num_episodes=eval_config.test_episodes, seed=config.seed)
+        num_episodes=eval_config.test_episodes, seed=config.seed, pair_score_fn=pair_score_fn)
   if eval_config.lake_runs and splits.lake_runs:
-    results["lake_runs"] = evaluate.lake_runs_accuracy(embed_fn, variables_of(state), splits.lake_runs)
+    results["lake_runs"] = evaluate.lake_runs_accuracy(embed_fn, variables_of(state), splits.lake_runs,
+                                                       pair_score_fn=pair_score_fn)
   if splits.vinyals_test is not None:
     vinyals = splits.vinyals_test
     vinyals_embeddings = embeddings if vinyals is test else evaluate.embed_images(
         embed_fn, variables_of(state), pipeline.all_images(vinyals), eval_config.batch_size)
     results["vinyals"] = evaluate.vinyals_report(
         vinyals_embeddings, vinyals, ways=tuple(eval_config.test_ways), shots=tuple(eval_config.test_shots),
-        queries=eval_config.queries_per_class, num_episodes=eval_config.test_episodes, seed=config.seed)
+        queries=eval_config.queries_per_class, num_episodes=eval_config.test_episodes, seed=config.seed,
+        pair_score_fn=pair_score_fn)
   return results

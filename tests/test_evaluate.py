@@ -173,6 +173,8 @@ def test_lake_runs_accuracy_by_hand_in_one_embedding_call(monkeypatch):
   result = evaluate.lake_runs_accuracy(value_embed, {}, runs)
   assert calls == [12]  # every run's 3 + 3 images in one call
   assert result["per_run"] == pytest.approx([1.0, 1 / 3])
+  # Two runs, 1 and 1/3: sample std sqrt(2) / 3, so the half-width is 1.96 (sqrt(2) / 3) / sqrt(2).
+  assert result["ci95"] == pytest.approx(1.96 / 3)
   assert result["accuracy"] == pytest.approx(2 / 3)
 
 

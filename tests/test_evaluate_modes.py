@@ -21,7 +21,7 @@ from absl import flags
 from PIL import Image
 
 import launch
-from siamese_jax import checkpoint, evaluate, inference, train
+from siamese_jax import checkpoint, evaluate, inference, models, train
 from siamese_jax.errors import UserError
 from trained_workdir import TEST_CLASSES, copy_of, smoke_config, trained_workdir
 
@@ -408,3 +408,22 @@ def test_koch_head_scores_episodes_thresholds_and_compare(koch_workdir, tmp_path
   assert compared["decision"] == ("same" if compared["probability"] >= compared["threshold"] else "different")
   with pytest.raises(UserError, match="scoring='pair_head' needs a model with a pair head"):
     evaluate.resolve_scoring("pair_head", has_pair_head=False)
+
+
+def test_training_report_scores_a_koch_model_with_its_head_like_eval_mode(koch_workdir):
+  # The report printed at the end of training and --mode=eval must agree on how a pair-head model is
+  # scored: the same 20 episodes give the same accuracy, and it is not the distance-based one.
+  model = inference.load_trained_model(koch_workdir)
+  config = model.config
+  config.eval.test_ways, config.eval.test_shots, config.eval.test_episodes = (5,), (1,), 20
+  built = train.setup(config)  # the same seed rebuilds the saved step-0 state
+  embed_fn = models.make_embed_fn(built.graphdef)
+  report = train.final_report(embed_fn, built.state, built.splits, config, step=0, graphdef=built.graphdef)
+  by_eval = evaluate.evaluate_workdir(koch_workdir, ways=(5,), shots=(1,), num_episodes=20, num_pairs=200,
+                                      progress=False)
+  # The synthetic test split's groups hold 4 classes, so 5-way within-group episodes are skipped by both.
+  assert "skipped" in report["episodes"]["within"]["5way1shot"]
+  assert report["episodes"]["unstructured"]["5way1shot"]["mean"] == pytest.approx(
+      by_eval["episodes"]["unstructured"]["5way1shot"]["mean"])
+  by_distance = train.final_report(embed_fn, built.state, built.splits, config, step=0)
+  assert by_distance["episodes"] != report["episodes"]

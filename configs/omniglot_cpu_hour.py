@@ -2,12 +2,17 @@ r"""Omniglot, the most accurate config for the 2-core CPU machine within an hour
 
 `configs/omniglot.py` plus the changes that won on validation (docs/ablations.md, rows 1-5): classes of
 a batch drawn alphabet by alphabet (16 per alphabet, 3 alphabets a batch), translations up to +-3 px in
-training, the embedding averaged over 4 test-time shifts of 3 px, and 20,000 steps.
+training, the embedding averaged over 4 test-time shifts of 3 px, and 15,000 steps.
 
 Command:
   OMNIGLOT_DIR=../shared/data/omniglot python launch.py --config=configs/omniglot_cpu_hour.py --workdir=runs/cpu_hour
   python launch.py --mode=eval --workdir=runs/cpu_hour      # the README's table (best checkpoint)
-Expected: RESULTS
+Expected (2 CPU cores, measured, docs/ablations.md row 6): about 58 min of training at 4.3-5.2 steps/s
+(a faster machine of the same kind did 6.7 steps/s); best validation 91.3 % at step 15000. Eval mode on
+that checkpoint: Lake's 20 runs 93.7 % +- 2.1 (95 % interval over the 20 runs), 20-way 1-shot within
+alphabet 85.1 % +- 0.6 (84.7 / 85.3 % with episode seeds 1 / 2), unstructured 95.5 % +- 0.3, Vinyals
+test 20-way 1-shot 95.7 % +- 0.3. `train.time_limit_minutes` stops (and checkpoints) a slower machine
+at 60 minutes, before the schedule ends: its result is then lower.
 """
 
 from configs import omniglot
@@ -23,8 +28,8 @@ def get_config(arg: str | None = None):
     return config
   if arg:
     raise ValueError(f"unknown config variant '{arg}' (known: smoke)")
-  config.train.num_steps = 20000
+  config.train.num_steps = 15000
   config.train.eval_every = 1000
   config.train.checkpoint_every = 1000
-  config.train.time_limit_minutes = 60.0  # the budget: stops (and checkpoints) if the machine is slower
+  config.train.time_limit_minutes = 60.0  # the issue's budget: stop (and checkpoint) there on a slower machine
   return config

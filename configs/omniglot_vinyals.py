@@ -25,7 +25,7 @@ def get_config(arg: str | None = None):
     return config
   if arg:
     raise ValueError(f"unknown config variant '{arg}' (known: smoke)")
-  config.train.num_steps = 8000
+  config.train.num_steps = 12000
   config.train.eval_every = 1000
   config.train.checkpoint_every = 1000
   return config

@@ -13,6 +13,7 @@ import json
 import logging
 import pathlib
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -193,8 +194,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     raise UserError(f"cannot create workdir {workdir}: {error}") from error
   built = setup(config)  # first, so a config mistake never overwrites a run's config.json
   if is_main:
+    resolved = config.to_json_best_effort(indent=2) + "\n"
+    changes = config_changes(workdir / "config.json", resolved)
+    if changes:
+      # Legitimate (training longer, say), but a resumed run is then not the run of either config.
+      print(f"warning: {workdir / 'config.json'} was written by another config; training continues from "
+            f"its checkpoints with the new values: {'; '.join(changes)}", file=sys.stderr, flush=True)
     with checkpoint.disk_errors(workdir):
-      (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+      (workdir / "config.json").write_text(resolved)
   try:
     distributed.wait_for_all("setup_done")  # data loading takes each host its own time
     with checkpoint.disk_errors(workdir):
@@ -204,6 +211,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     if peer_failure is not None:
       raise peer_failure from error
     raise
+
+
+def config_changes(previous_path: pathlib.Path, resolved_json: str) -> list[str]:
+  """`"field: old -> new"` for each field where the workdir's earlier config.json and this one differ
+  (empty when there is no earlier one, or it cannot be read)."""
+  try:
+    previous = json.loads(previous_path.read_text())
+  except (OSError, ValueError):
+    return []
+
+  def flat(tree, prefix=""):
+    items = {}
+    for key, value in tree.items():
+      if isinstance(value, dict):
+        items.update(flat(value, f"{prefix}{key}."))
+      else:
+        items[f"{prefix}{key}"] = value
+    return items
+
+  old, new = flat(previous), flat(json.loads(resolved_json))
+  shown = lambda items, key: json.dumps(items[key]) if key in items else "(absent)"
+  return [f"{key}: {shown(old, key)} -> {shown(new, key)}" for key in sorted(old.keys() | new.keys())
+          if shown(old, key) != shown(new, key)]
 
 
 def _train_and_evaluate(config, workdir: pathlib.Path, built: Setup) -> dict:

@@ -123,7 +123,8 @@ def test_sigterm_checkpoints_and_exits_cleanly(omniglot_dir, tmp_path, cache_dir
 
 
 def test_finished_workdir_is_not_retrained(omniglot_dir, tmp_path, cache_dir):
-  """Running a finished run's command again re-evaluates the final checkpoint, it does not train."""
+  """Running a finished run's command again re-evaluates the final checkpoint, it does not train; a
+  changed config resumes its checkpoints with a warning that names each changed field."""
   env = environment(omniglot_dir)
   first = subprocess.run(launch_command(tmp_path, cache_dir, "--config.train.num_steps=10"), cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=600)
@@ -132,4 +133,12 @@ def test_finished_workdir_is_not_retrained(omniglot_dir, tmp_path, cache_dir):
                          capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "Resuming from the checkpoint at step 10" in again.stdout
+  assert "written by another config" not in again.stderr  # the same config: nothing to warn about
   assert json.loads((tmp_path / "results.json").read_text())["step"] == 10
+  # A changed config resumes the same checkpoints (training longer is legitimate), and says what changed.
+  longer = subprocess.run(launch_command(tmp_path, cache_dir, "--config.train.num_steps=12"), cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert longer.returncode == 0, longer.stderr[-3000:]
+  assert "Resuming from the checkpoint at step 10" in longer.stdout
+  assert "written by another config" in longer.stderr and "train.num_steps: 10 -> 12" in longer.stderr
+  assert json.loads((tmp_path / "results.json").read_text())["step"] == 12

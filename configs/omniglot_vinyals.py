@@ -6,7 +6,10 @@ shifts of 3 px), without its alphabet-by-alphabet batches: the test is not withi
 Command:
   OMNIGLOT_DIR=../shared/data/omniglot python launch.py --config=configs/omniglot_vinyals.py --workdir=runs/vinyals
   python launch.py --mode=eval --workdir=runs/vinyals      # the README's table (best checkpoint)
-Expected: RESULTS
+Expected (2 CPU cores, measured, 12,000 steps): 48 min of training; best validation 97.3 % (step 12000);
+eval mode on that checkpoint, Vinyals test: 20-way 1-shot 96.4 % +- 0.3, 20-way 5-shot 99.2 % +- 0.1,
+5-way 1-shot 98.9 % +- 0.3, 5-way 5-shot 99.8 % +- 0.1 (prototypical networks: 96.0 / 98.9 / 98.8 /
+99.7 %). The issue's 97 % at 20-way 1-shot is not reached (docs/ablations.md, Vinyals split).
 Validation is 20-way 1-shot across the val.txt classes (unstructured, like the test); Lake's runs are
 not scored, because this split trains on characters of the evaluation alphabets they are drawn from.
 """

@@ -229,7 +229,7 @@ class TrainedModel:
     """`(e1 [P, D], e2 [P, D]) -> [P]` probability that two images show the same class (Koch head)."""
     if self.pair_logits_fn is None:
       return None
-    return models.make_pair_score_fn(self.graphdef, self.variables)
+    return models.make_pair_score_fn(self.pair_logits_fn, self.variables)
 
   def embed(self, images, *, batch_size: int | None = None, progress: bool = False) -> np.ndarray:
     """float32 [N, D] embeddings of uint8 images [N, H, W, C] (or an ImageSource, read batch by batch).

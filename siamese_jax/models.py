@@ -388,10 +388,9 @@ def create(
   return MODELS[config.name](config, image_shape=image_shape, rngs=rngs)
 
 
-def make_pair_score_fn(graphdef: nnx.GraphDef, variables: Any) -> Callable[[jax.Array, jax.Array], jax.Array]:
+def make_pair_score_fn(pair_logits_fn: Callable, variables: Any) -> Callable[[jax.Array, jax.Array], jax.Array]:
   """`pair_score_fn(e1 [P, D], e2 [P, D]) -> [P]`: the pair head's probability that two embedded images
-  show the same class, for models with a pair head (koch), with `variables` bound."""
-  pair_logits_fn = make_pair_logits_fn(graphdef)
+  show the same class, from `make_pair_logits_fn`'s function with `variables` bound."""
   scores = jax.jit(lambda variables, first, second: jax.nn.sigmoid(pair_logits_fn(variables, first, second)))
   return functools.partial(scores, variables)
 

@@ -432,7 +432,7 @@ def final_report(embed_fn, state: TrainState, splits: pipeline.Splits, config, *
   eval_config = config.eval
   pair_score_fn = None
   if graphdef is not None and models.has_pair_head(nnx.merge(graphdef, state.params, state.model_state)):
-    pair_score_fn = models.make_pair_score_fn(graphdef, variables_of(state))
+    pair_score_fn = models.make_pair_score_fn(models.make_pair_logits_fn(graphdef), variables_of(state))
   results: dict[str, Any] = {"step": step}
   test = splits.test
   if len(test):

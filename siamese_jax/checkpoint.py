@@ -134,6 +134,9 @@ class Checkpointer:
     steps = self.all_steps()
     if not steps:
       return None
+    differences = self.state_differences(steps[-1], abstract_state)
+    if differences:
+      raise StateMismatch(differences)
     failures, unreadable_steps = [], []
     for step in reversed(steps):
       try:
@@ -152,6 +155,26 @@ class Checkpointer:
       return step, restored["state"], restored["data"], restored["loop"]
     raise UserError("no checkpoint in the workdir can be read, so training would start over and overwrite "
                     "them. Move the workdir aside or delete the broken checkpoints:\n  " + "\n  ".join(failures))
+
+  def state_differences(self, step: int, abstract_state: Any) -> list[str]:
+    """How the train state stored at `step` differs in structure or shapes from `abstract_state`, read
+    from the checkpoint's metadata alone: `path: stored (64,), expected (32,)`, or a path only one of
+    them has. Empty when they agree, or when the metadata cannot be read (a truncated checkpoint is then
+    reported by the restore itself).
+
+    Checked before reading any array: a restore into another shape fails inside Orbax's reader threads,
+    which then print a traceback per array.
+    """
+    try:
+      stored = ocp.PyTreeCheckpointHandler().metadata(self.directory / str(step) / "state")
+      stored = {"/".join(key): tuple(leaf.shape) for key, leaf in ocp.tree.to_flat_dict(stored).items()}
+    except Exception:  # noqa: BLE001 - unreadable metadata: left to the restore to report
+      return []
+    expected = {"/".join(key): tuple(leaf.shape) for key, leaf in ocp.tree.to_flat_dict(abstract_state).items()}
+    return ([f"{path}: stored {stored[path]}, expected {expected[path]}"
+             for path in sorted(stored.keys() & expected.keys()) if stored[path] != expected[path]] +
+            [f"{path}: stored only" for path in sorted(stored.keys() - expected.keys())] +
+            [f"{path}: expected, not stored" for path in sorted(expected.keys() - stored.keys())])
 
   def _set_aside(self, steps: list[int], resumed_step: int) -> None:
     """Renames unreadable step directories to `<step>.unreadable` (kept, never deleted).
@@ -179,6 +202,17 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+class StateMismatch(UserError):
+  """The newest checkpoint holds a train state of another structure or shape than the one asked for
+  (another model, optimizer or loss): a config mismatch, not a broken checkpoint."""
+
+  def __init__(self, differences: list[str], shown: int = 4):
+    self.differences = differences
+    more = f"; and {len(differences) - shown} more" if len(differences) > shown else ""
+    super().__init__(f"the checkpoints hold a train state of another shape than this config's: "
+                     f"{'; '.join(differences[:shown])}{more}")
 
 
 def complete_steps(directory: str | pathlib.Path) -> list[int]:

@@ -193,15 +193,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   except OSError as error:
     raise UserError(f"cannot create workdir {workdir}: {error}") from error
   built = setup(config)  # first, so a config mistake never overwrites a run's config.json
-  if is_main:
-    resolved = config.to_json_best_effort(indent=2) + "\n"
-    changes = config_changes(workdir / "config.json", resolved)
-    if changes:
-      # Legitimate (training longer, say), but a resumed run is then not the run of either config.
-      print(f"warning: {workdir / 'config.json'} was written by another config; training continues from "
-            f"its checkpoints with the new values: {'; '.join(changes)}", file=sys.stderr, flush=True)
-    with checkpoint.disk_errors(workdir):
-      (workdir / "config.json").write_text(resolved)
   try:
     distributed.wait_for_all("setup_done")  # data loading takes each host its own time
     with checkpoint.disk_errors(workdir):
@@ -249,7 +240,25 @@ def _train_and_evaluate(config, workdir: pathlib.Path, built: Setup) -> dict:
   state = built.state
   loop_state = {"best_validation_accuracy": -1.0, "evaluations_without_improvement": 0,
                 "early_stopped": False}
-  restored = checkpointer.restore_latest(checkpoint.abstract_like(state))
+  resolved = config.to_json_best_effort(indent=2) + "\n"
+  changes = config_changes(workdir / "config.json", resolved)
+  try:
+    restored = checkpointer.restore_latest(checkpoint.abstract_like(state))
+  except checkpoint.StateMismatch as error:
+    checkpointer.close()
+    written_by = (f"the one that wrote them ({workdir / 'config.json'}, left as it was) in: {'; '.join(changes)}"
+                  if changes else "the one that wrote them")
+    raise UserError(f"config mismatch: this config differs from {written_by}. Resume with that config, or "
+                    f"train in a new workdir. ({error})") from error
+  except UserError:
+    checkpointer.close()
+    raise
+  if is_main:
+    if restored is not None and changes:
+      # Legitimate (training longer, say), but a resumed run is then not the run of either config.
+      print(f"warning: {workdir / 'config.json'} was written by another config; training continues from "
+            f"its checkpoints with the new values: {'; '.join(changes)}", file=sys.stderr, flush=True)
+    (workdir / "config.json").write_text(resolved)  # only now: a run that cannot resume keeps its record
   if restored is not None:
     # Restore order: train state (arrays, shapes from a fresh state), then the Grain iterator position,
     # then the loop's bookkeeping; the next batch drawn is then the one the interrupted run would draw.

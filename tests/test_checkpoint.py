@@ -135,6 +135,23 @@ def test_all_checkpoints_unreadable_is_an_error_not_a_fresh_start(tmp_path):
   assert steps_on_disk(tmp_path) == [1, 2]  # nothing renamed or deleted when there is no way on
 
 
+def test_state_of_another_shape_is_a_config_mismatch_read_from_metadata(tmp_path):
+  """Another model's state (a wider kernel, a missing and an extra leaf) is named leaf by leaf from the
+  metadata, before any array is read; nothing on disk is renamed, as no checkpoint is broken."""
+  save_steps(tmp_path, [None, None])
+  other = make_state()
+  other["params"]["kernel"] = jnp.zeros((4, 5))
+  other["params"]["scale"] = other["params"].pop("bias")
+  checkpointer = checkpoint.Checkpointer(tmp_path, asynchronous=False)
+  with pytest.raises(checkpoint.StateMismatch) as raised:
+    checkpointer.restore_latest(checkpoint.abstract_like(other))
+  checkpointer.close()
+  assert raised.value.differences == ["params/kernel: stored (4, 3), expected (4, 5)", "params/bias: stored only",
+                                      "params/scale: expected, not stored"]
+  assert steps_on_disk(tmp_path) == [1, 2]
+  assert restore(tmp_path)[0] == 2  # the right shapes still read them
+
+
 def test_leftover_temporary_directory_is_not_a_checkpoint(tmp_path):
   save_steps(tmp_path, [None, None])
   # A save killed just before its final rename: a complete-looking copy under Orbax's temporary name.

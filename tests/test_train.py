@@ -124,7 +124,8 @@ def test_sigterm_checkpoints_and_exits_cleanly(omniglot_dir, tmp_path, cache_dir
 
 def test_finished_workdir_is_not_retrained(omniglot_dir, tmp_path, cache_dir):
   """Running a finished run's command again re-evaluates the final checkpoint, it does not train; a
-  changed config resumes its checkpoints with a warning that names each changed field."""
+  changed config resumes its checkpoints with a warning that names each changed field, or, if they
+  cannot hold its state, stops with "config mismatch" and leaves the workdir as it was."""
   env = environment(omniglot_dir)
   first = subprocess.run(launch_command(tmp_path, cache_dir, "--config.train.num_steps=10"), cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=600)
@@ -142,3 +143,13 @@ def test_finished_workdir_is_not_retrained(omniglot_dir, tmp_path, cache_dir):
   assert "Resuming from the checkpoint at step 10" in longer.stdout
   assert "written by another config" in longer.stderr and "train.num_steps: 10 -> 12" in longer.stderr
   assert json.loads((tmp_path / "results.json").read_text())["step"] == 12
+  # A config whose state the checkpoints cannot fill (another width) is refused by name, and the
+  # workdir's record of the config that wrote them is kept.
+  narrower = subprocess.run(launch_command(tmp_path, cache_dir, "--config.train.num_steps=12",
+                                           "--config.model.width=32"), cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=600)
+  assert narrower.returncode == 2, narrower.stderr[-3000:]
+  assert "error: config mismatch" in narrower.stderr and "model.width: 64 -> 32" in narrower.stderr
+  assert "Traceback" not in narrower.stderr
+  assert json.loads((tmp_path / "config.json").read_text())["model"]["width"] == 64
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [10, 12]

@@ -157,24 +157,18 @@ class Checkpointer:
                     "them. Move the workdir aside or delete the broken checkpoints:\n  " + "\n  ".join(failures))
 
   def state_differences(self, step: int, abstract_state: Any) -> list[str]:
-    """How the train state stored at `step` differs in structure or shapes from `abstract_state`, read
-    from the checkpoint's metadata alone: `path: stored (64,), expected (32,)`, or a path only one of
-    them has. Empty when they agree, or when the metadata cannot be read (a truncated checkpoint is then
-    reported by the restore itself).
+    """How the train state stored at `step` differs in names or shapes from `abstract_state`, from the
+    checkpoint's metadata alone (`shape_differences`). Empty when they agree, or when the metadata cannot
+    be read (a truncated checkpoint is then reported by the restore itself).
 
     Checked before reading any array: a restore into another shape fails inside Orbax's reader threads,
     which then print a traceback per array.
     """
     try:
-      stored = ocp.PyTreeCheckpointHandler().metadata(self.directory / str(step) / "state")
-      stored = {"/".join(key): tuple(leaf.shape) for key, leaf in ocp.tree.to_flat_dict(stored).items()}
+      stored = stored_shapes(self.directory / str(step) / "state", with_dtype=False)
     except Exception:  # noqa: BLE001 - unreadable metadata: left to the restore to report
       return []
-    expected = {"/".join(key): tuple(leaf.shape) for key, leaf in ocp.tree.to_flat_dict(abstract_state).items()}
-    return ([f"{path}: stored {stored[path]}, expected {expected[path]}"
-             for path in sorted(stored.keys() & expected.keys()) if stored[path] != expected[path]] +
-            [f"{path}: stored only" for path in sorted(stored.keys() - expected.keys())] +
-            [f"{path}: expected, not stored" for path in sorted(expected.keys() - stored.keys())])
+    return shape_differences(stored, tree_shapes(abstract_state, with_dtype=False))
 
   def _set_aside(self, steps: list[int], resumed_step: int) -> None:
     """Renames unreadable step directories to `<step>.unreadable` (kept, never deleted).
@@ -202,6 +196,30 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def tree_shapes(tree: Any, *, with_dtype: bool = True) -> dict[str, tuple]:
+  """{"params.convs.0.kernel.value": (shape, dtype)} (or just the shape) for each leaf of a pytree of
+  arrays, abstract arrays or Orbax array metadata; names as Orbax stores them."""
+  return {".".join(key): (tuple(int(d) for d in leaf.shape), str(np.dtype(leaf.dtype))) if with_dtype
+          else tuple(int(d) for d in leaf.shape) for key, leaf in ocp.tree.to_flat_dict(tree).items()}
+
+
+def stored_shapes(item_dir: str | pathlib.Path, *, with_dtype: bool = True) -> dict[str, tuple]:
+  """`tree_shapes` of a saved pytree item (`<step>/state`), read from its metadata: no array is read.
+  Raises whatever Orbax raises for missing or damaged metadata."""
+  return tree_shapes(ocp.PyTreeCheckpointHandler().metadata(pathlib.Path(item_dir).absolute()),
+                     with_dtype=with_dtype)
+
+
+def shape_differences(stored: dict[str, tuple], expected: dict[str, tuple]) -> list[str]:
+  """One line per leaf where a checkpoint and a config's state differ, weights first:
+  `params.x.kernel.value: checkpoint (3, 3, 1, 64) float32, model from config (3, 3, 1, 32) float32`."""
+  show = lambda shape: " ".join(map(str, shape)) if isinstance(shape[0], tuple) else str(shape)
+  return [f"{name}: checkpoint {show(stored[name]) if name in stored else 'missing'}, model from config "
+          f"{show(expected[name]) if name in expected else 'absent'}"
+          for name in sorted(stored.keys() | expected.keys(), key=lambda n: (not n.startswith("params."), n))
+          if stored.get(name) != expected.get(name)]
 
 
 class StateMismatch(UserError):

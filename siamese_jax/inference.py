@@ -141,16 +141,6 @@ class _DropMissingMetadataWarning(logging.Filter):
     return "Metadata file does not exist" not in str(record.msg)
 
 
-def _flat_shapes(tree: Any, keep: Sequence[str]) -> dict[str, tuple[tuple[int, ...], str]]:
-  """{"params.convs.0.kernel.value": (shape, dtype)} for the leaves under the top-level keys `keep`."""
-  shapes = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    names = [str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path]
-    if names and names[0] in keep:
-      shapes[".".join(names)] = (tuple(int(d) for d in leaf.shape), str(np.dtype(leaf.dtype)))
-  return shapes
-
-
 def restore_variables(step_dir: pathlib.Path, params: Any, model_state: Any) -> tuple[Any, Any]:
   """Reads (params, model_state) from the checkpoint's `state` item into the given structures.
 
@@ -158,6 +148,7 @@ def restore_variables(step_dir: pathlib.Path, params: Any, model_state: Any) -> 
   differences (a checkpoint of another model or size), instead of a deep Orbax error.
   """
   import orbax.checkpoint as ocp
+  from siamese_jax import checkpoint as checkpoints
   state_dir = (step_dir / "state").absolute()
   target = {"params": params, "model_state": model_state}
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
@@ -165,24 +156,15 @@ def restore_variables(step_dir: pathlib.Path, params: Any, model_state: Any) -> 
   quiet = _DropMissingMetadataWarning()
   absl_logger.addFilter(quiet)
   try:
-    metadata = ocp.PyTreeCheckpointer().metadata(state_dir)
-    stored_tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", None)
-    if stored_tree is None:
-      stored_tree = getattr(metadata, "item_metadata", metadata)
-    stored = _flat_shapes(dict(stored_tree), ("params", "model_state"))
+    stored = {name: shape for name, shape in checkpoints.stored_shapes(state_dir).items()
+              if name.split(".")[0] in target}
   except Exception as error:  # noqa: BLE001 -- any unreadable metadata is the same user problem
     absl_logger.removeFilter(quiet)
     raise UserError(f"checkpoint {step_dir}: cannot read it ({type(error).__name__}: {error}). The "
                     "checkpoint is incomplete or damaged; pick another with --checkpoint.") from error
-  expected = _flat_shapes(abstract, ("params", "model_state"))
-  if stored != expected:
+  differences = checkpoints.shape_differences(stored, checkpoints.tree_shapes(abstract))
+  if differences:
     absl_logger.removeFilter(quiet)
-    differences = []
-    for name in sorted(set(stored) | set(expected), key=lambda n: (not n.startswith("params."), n)):  # weights first
-      if stored.get(name) != expected.get(name):
-        have = "missing" if name not in stored else f"{stored[name][0]} {stored[name][1]}"
-        want = "absent" if name not in expected else f"{expected[name][0]} {expected[name][1]}"
-        differences.append(f"{name}: checkpoint {have}, model from config {want}")
     shown = "\n  ".join(differences[:6]) + (f"\n  ... and {len(differences) - 6} more" if len(differences) > 6 else "")
     raise UserError(f"checkpoint {step_dir} does not match the model the config builds "
                     f"({len(differences)} arrays differ):\n  {shown}\nUse the config the checkpoint was "

@@ -12,7 +12,9 @@ Expected (2 CPU cores, measured, docs/ablations.md row 6): about 58 min of train
 that checkpoint: Lake's 20 runs 93.7 % +- 2.1 (95 % interval over the 20 runs), 20-way 1-shot within
 alphabet 85.1 % +- 0.6 (84.7 / 85.3 % with episode seeds 1 / 2), unstructured 95.5 % +- 0.3, Vinyals
 test 20-way 1-shot 95.7 % +- 0.3. `train.time_limit_minutes` stops (and checkpoints) a slower machine
-at 60 minutes, before the schedule ends: its result is then lower.
+at 60 minutes, before the schedule ends: its result is then lower (a 2-core machine with AVX2 only ran
+2.35 steps/s, so about 8,500 steps; docs/ablations.md, under row 7). Resume it with
+`--config.train.time_limit_minutes=0` to finish the schedule.
 """
 
 from configs import omniglot

@@ -198,26 +198,24 @@ class Checkpointer:
     self.manager.close()
 
 
-def tree_shapes(tree: Any, *, with_dtype: bool = True) -> dict[str, tuple]:
-  """{"params.convs.0.kernel.value": (shape, dtype)} (or just the shape) for each leaf of a pytree of
-  arrays, abstract arrays or Orbax array metadata; names as Orbax stores them."""
-  return {".".join(key): (tuple(int(d) for d in leaf.shape), str(np.dtype(leaf.dtype))) if with_dtype
-          else tuple(int(d) for d in leaf.shape) for key, leaf in ocp.tree.to_flat_dict(tree).items()}
+def tree_shapes(tree: Any, *, with_dtype: bool = True) -> dict[str, str]:
+  """{"params.convs.0.kernel.value": "(3, 3, 1, 64) float32"} (or just the shape) for each leaf of a
+  pytree of arrays, abstract arrays or Orbax array metadata; names as Orbax stores them."""
+  return {".".join(key): str(tuple(int(d) for d in leaf.shape)) + (f" {np.dtype(leaf.dtype)}" if with_dtype else "")
+          for key, leaf in ocp.tree.to_flat_dict(tree).items()}
 
 
-def stored_shapes(item_dir: str | pathlib.Path, *, with_dtype: bool = True) -> dict[str, tuple]:
+def stored_shapes(item_dir: str | pathlib.Path, *, with_dtype: bool = True) -> dict[str, str]:
   """`tree_shapes` of a saved pytree item (`<step>/state`), read from its metadata: no array is read.
   Raises whatever Orbax raises for missing or damaged metadata."""
   return tree_shapes(ocp.PyTreeCheckpointHandler().metadata(pathlib.Path(item_dir).absolute()),
                      with_dtype=with_dtype)
 
 
-def shape_differences(stored: dict[str, tuple], expected: dict[str, tuple]) -> list[str]:
+def shape_differences(stored: dict[str, str], expected: dict[str, str]) -> list[str]:
   """One line per leaf where a checkpoint and a config's state differ, weights first:
   `params.x.kernel.value: checkpoint (3, 3, 1, 64) float32, model from config (3, 3, 1, 32) float32`."""
-  show = lambda shape: " ".join(map(str, shape)) if isinstance(shape[0], tuple) else str(shape)
-  return [f"{name}: checkpoint {show(stored[name]) if name in stored else 'missing'}, model from config "
-          f"{show(expected[name]) if name in expected else 'absent'}"
+  return [f"{name}: checkpoint {stored.get(name, 'missing')}, model from config {expected.get(name, 'absent')}"
           for name in sorted(stored.keys() | expected.keys(), key=lambda n: (not n.startswith("params."), n))
           if stored.get(name) != expected.get(name)]
 

@@ -142,13 +142,15 @@ def test_state_of_another_shape_is_a_config_mismatch_read_from_metadata(tmp_path
   other = make_state()
   other["params"]["kernel"] = jnp.zeros((4, 5))
   other["params"]["scale"] = other["params"].pop("bias")
+  other["opt_state"] = other["opt_state"][:1]  # a scalar leaf (an optimizer's count) only stored
   checkpointer = checkpoint.Checkpointer(tmp_path, asynchronous=False)
   with pytest.raises(checkpoint.StateMismatch) as raised:
     checkpointer.restore_latest(checkpoint.abstract_like(other))
   checkpointer.close()
   assert raised.value.differences == ["params.bias: checkpoint (2,), model from config absent",
                                       "params.kernel: checkpoint (4, 3), model from config (4, 5)",
-                                      "params.scale: checkpoint missing, model from config (2,)"]
+                                      "params.scale: checkpoint missing, model from config (2,)",
+                                      "opt_state.1: checkpoint (), model from config absent"]
   assert steps_on_disk(tmp_path) == [1, 2]
   assert restore(tmp_path)[0] == 2  # the right shapes still read them
 

@@ -28,7 +28,7 @@ import logging
 import os
 import pathlib
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import ml_collections

@@ -7,14 +7,19 @@ training, the embedding averaged over 4 test-time shifts of 3 px, and 15,000 ste
 Command:
   OMNIGLOT_DIR=../shared/data/omniglot python launch.py --config=configs/omniglot_cpu_hour.py --workdir=runs/cpu_hour
   python launch.py --mode=eval --workdir=runs/cpu_hour      # the README's table (best checkpoint)
-Expected (2 CPU cores, measured, docs/ablations.md row 6): about 58 min of training at 4.3-5.2 steps/s
-(a faster machine of the same kind did 6.7 steps/s); best validation 91.3 % at step 15000. Eval mode on
-that checkpoint: Lake's 20 runs 93.7 % +- 2.1 (95 % interval over the 20 runs), 20-way 1-shot within
-alphabet 85.1 % +- 0.6 (84.7 / 85.3 % with episode seeds 1 / 2), unstructured 95.5 % +- 0.3, Vinyals
-test 20-way 1-shot 95.7 % +- 0.3. `train.time_limit_minutes` stops (and checkpoints) a slower machine
-at 60 minutes, before the schedule ends: its result is then lower (a 2-core machine with AVX2 only ran
-2.35 steps/s, so about 8,500 steps; docs/ablations.md, under row 7). Resume it with
-`--config.train.time_limit_minutes=0` to finish the schedule.
+Expected (2 CPU cores, measured twice, docs/ablations.md row 6 and "Row 6 from scratch"):
+- from scratch, this command as it stands, on an Intel Xeon with AVX-512 (4.0-4.4 steps/s): the
+  60-minute limit stopped it at step 14,351; best validation 91.05 % at step 8000. Eval mode on that
+  checkpoint: Lake's 20 runs 94.0 % +- 2.4 (95 % interval over the 20 runs), 20-way 1-shot within
+  alphabet 84.6 % +- 0.6, unstructured 95.1 % +- 0.3, Vinyals test 20-way 1-shot 95.3 % +- 0.3. The
+  command's own report, on its last state: Lake's runs 95.5 % +- 1.7, within alphabet 85.1 %.
+- resumed once at step 1,034 on a faster machine (4.3-5.2 steps/s): 15,000 steps in about 58 min; best
+  validation 91.3 % at step 15000; Lake's runs 93.7 % +- 2.1, within alphabet 85.1 % +- 0.6 (84.7 /
+  85.3 % with episode seeds 1 / 2), unstructured 95.5 % +- 0.3, Vinyals test 95.7 % +- 0.3.
+`train.time_limit_minutes` stops (and checkpoints) a slower machine at 60 minutes, before the schedule
+ends: its result is then lower (a 2-core machine with AVX2 only ran 2.35 steps/s, so about 8,500 steps;
+docs/ablations.md, under row 7). Resume it with `--config.train.time_limit_minutes=0` to finish the
+schedule.
 """
 
 from configs import omniglot

@@ -346,6 +346,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, built: Setup) -> dict:
     preemption.restore()
     progress.close()
   checkpointer.close()
+  training_seconds = time.perf_counter() - training_started  # the loop and its saves, not the report below
   if preempted:
     if is_main:
       print(f"Stopped by {preemption.signal_name or 'a signal to another process'} at step {step}; "
@@ -355,7 +356,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, built: Setup) -> dict:
   final_state = parallel.local_copy(parallel.get_state(device_state))
   results = final_report(embed_fn, final_state, built.splits, config, step=int(final_state.step),
                          graphdef=built.graphdef)
-  results["training_seconds"] = time.perf_counter() - training_started
+  results["training_seconds"] = training_seconds
   results["best_validation_accuracy"] = loop_state["best_validation_accuracy"]
   if is_main:
     (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")

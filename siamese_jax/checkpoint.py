@@ -20,6 +20,7 @@ import logging
 import pathlib
 import re
 import shutil
+import sys
 from typing import Any, Iterator
 
 import jax
@@ -67,6 +68,29 @@ class _DropDiskErrorTracebacks(logging.Filter):
 logging.getLogger("absl").addFilter(_DropMissingMetricsWarning())
 for _logger in ("absl", "asyncio"):  # asyncio: "exception was never retrieved" for the same failed writes
   logging.getLogger(_logger).addFilter(_DropDiskErrorTracebacks())
+
+
+def _without_closed_loop_callbacks(unraisablehook):
+  """`sys.unraisablehook`, quiet for one message: when a save fails, Orbax closes the event loop of its
+  writer thread while TensorStore's other writes of that save are still running; each one that finishes
+  then hands its result to the closed loop (`call_soon_threadsafe`, called from TensorStore's C++ thread),
+  and TensorStore reports the RuntimeError as unraisable, a bare traceback on stderr. The failure itself
+  reaches the training loop, which reports it once (`disk_errors`); everything else goes to
+  `unraisablehook` unchanged."""
+
+  def hook(unraisable):
+    traceback = unraisable.exc_traceback
+    if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed" and \
+        traceback is not None and traceback.tb_frame.f_code.co_name == "call_soon_threadsafe":
+      return  # raised straight into C++ by the closed loop, not by Python code
+    unraisablehook(unraisable)
+
+  hook.siamese_jax_quiet_closed_loop = True
+  return hook
+
+
+if not getattr(sys.unraisablehook, "siamese_jax_quiet_closed_loop", False):
+  sys.unraisablehook = _without_closed_loop_callbacks(sys.unraisablehook)
 
 
 class Checkpointer:

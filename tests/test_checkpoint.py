@@ -183,3 +183,34 @@ def test_asynchronous_saves_restore_after_wait(tmp_path):
   assert_tree_equal(state, make_state(3))
   checkpointer.close()
   assert restore(tmp_path)[0] == 3
+
+
+
+def test_closed_loop_callbacks_of_a_failed_save_are_not_reported():
+  """What TensorStore reports as unraisable when a write of a failed save finishes after Orbax closed its
+  event loop is dropped; any other unraisable exception still reaches the hook. (pytest replaces
+  sys.unraisablehook during each test, so the filter is called directly here; tests/test_faults.py checks
+  the real thing: no traceback in the output of a run whose save fails.)"""
+  import asyncio
+  import sys
+  import types
+  assert sys.unraisablehook.siamese_jax_quiet_closed_loop  # installed by importing siamese_jax.checkpoint
+  loop = asyncio.new_event_loop()
+  loop.close()
+  try:
+    loop.call_soon_threadsafe(print)
+  except RuntimeError as error:
+    closed = error
+  try:
+    raise RuntimeError("some other failure")
+  except RuntimeError as error:
+    other = error
+  reported = []
+  hook = checkpoint._without_closed_loop_callbacks(reported.append)
+  unraisable = lambda error, traceback: types.SimpleNamespace(
+      exc_type=type(error), exc_value=error, exc_traceback=traceback, err_msg=None, object=None)
+  hook(unraisable(closed, closed.__traceback__.tb_next))  # from call_soon_threadsafe on, as C++ calls it
+  assert reported == []
+  hook(unraisable(closed, closed.__traceback__))  # raised from Python code (this test): reported
+  hook(unraisable(other, other.__traceback__))
+  assert [str(args.exc_value) for args in reported] == ["Event loop is closed", "some other failure"]

@@ -134,13 +134,6 @@ def select_checkpoint(workdir: pathlib.Path | None, checkpoint: str | os.PathLik
 # Restoring
 
 
-class _DropMissingMetadataWarning(logging.Filter):
-  """Orbax warns that a *composite* step's item has no _CHECKPOINT_METADATA of its own; harmless."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return "Metadata file does not exist" not in str(record.msg)
-
-
 def restore_variables(step_dir: pathlib.Path, params: Any, model_state: Any) -> tuple[Any, Any]:
   """Reads (params, model_state) from the checkpoint's `state` item into the given structures.
 
@@ -152,19 +145,14 @@ def restore_variables(step_dir: pathlib.Path, params: Any, model_state: Any) -> 
   state_dir = (step_dir / "state").absolute()
   target = {"params": params, "model_state": model_state}
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-  absl_logger = logging.getLogger("absl")
-  quiet = _DropMissingMetadataWarning()
-  absl_logger.addFilter(quiet)
   try:
     stored = {name: shape for name, shape in checkpoints.stored_shapes(state_dir).items()
               if name.split(".")[0] in target}
   except Exception as error:  # noqa: BLE001 -- any unreadable metadata is the same user problem
-    absl_logger.removeFilter(quiet)
     raise UserError(f"checkpoint {step_dir}: cannot read it ({type(error).__name__}: {error}). The "
                     "checkpoint is incomplete or damaged; pick another with --checkpoint.") from error
   differences = checkpoints.shape_differences(stored, checkpoints.tree_shapes(abstract))
   if differences:
-    absl_logger.removeFilter(quiet)
     shown = "\n  ".join(differences[:6]) + (f"\n  ... and {len(differences) - 6} more" if len(differences) > 6 else "")
     raise UserError(f"checkpoint {step_dir} does not match the model the config builds "
                     f"({len(differences)} arrays differ):\n  {shown}\nUse the config the checkpoint was "
@@ -176,8 +164,6 @@ def restore_variables(step_dir: pathlib.Path, params: Any, model_state: Any) -> 
   except Exception as error:  # noqa: BLE001
     raise UserError(f"checkpoint {step_dir}: cannot read its arrays ({type(error).__name__}: {error}); "
                     "pick another with --checkpoint.") from error
-  finally:
-    absl_logger.removeFilter(quiet)
   return restored["params"], restored["model_state"]
 
 

@@ -25,7 +25,11 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_STEPS = 8
-HEARTBEAT_SECONDS = 10  # how long the coordination service waits for a silent process in these tests
+# How long the coordination service waits for a silent process in these tests. When a process dies, the
+# survivor's next collective fails at once and says so in one line; the heartbeat timeout must leave it
+# the time to get there on a loaded 2-core machine (at 10 s it once lost the race in CI, and JAX's
+# heartbeat abort, a C++ stack trace, came first).
+HEARTBEAT_SECONDS = 30
 
 # Two processes sum gradients and BatchNorm statistics with gloo, in another order than one process's
 # all-reduce: the results differ in the last float32 bit. The smoke model at full width turns such bits

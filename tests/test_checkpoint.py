@@ -185,7 +185,6 @@ def test_asynchronous_saves_restore_after_wait(tmp_path):
   assert restore(tmp_path)[0] == 3
 
 
-
 def test_closed_loop_callbacks_of_a_failed_save_are_not_reported():
   """What TensorStore reports as unraisable when a write of a failed save finishes after Orbax closed its
   event loop is dropped; any other unraisable exception still reaches the hook. (pytest replaces

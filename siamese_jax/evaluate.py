@@ -864,6 +864,44 @@ def calibrate_workdir(workdir: str | pathlib.Path, *, checkpoint: str = "best", 
   return {**record, "written": str(path)}
 
 
+def one_shot_results(embed_fn: Callable, variables, splits, test_embeddings: np.ndarray | None, run_config, *,
+                     ways: Sequence[int], shots: Sequence[int], queries: int, num_episodes: int, seed: int,
+                     batch_size: int, pair_score_fn: PairScoreFn | None = None, progress: bool = False,
+                     lap: Callable[[str], None] = lambda name: None) -> dict:
+  """The one-shot part of a report, shared by the training run's final report and `--mode=eval`.
+
+  N-way K-shot episodes on the test classes (`test_embeddings`; none when it is None), Lake's 20 runs
+  (when `run_config.eval.lake_runs`; else a "skipped" record saying why) and Vinyals et al.'s test split
+  (Omniglot with its split files). `lap(name)` is called after each part, for timings.
+  """
+  from siamese_jax.data import pipeline
+  results: dict[str, Any] = {}
+  test = splits.test
+  if test_embeddings is not None:
+    results["episodes"] = one_shot_report(
+        test_embeddings, test.labels, test.class_groups, ways=ways, shots=shots, queries=queries,
+        num_episodes=num_episodes, seed=seed, pair_score_fn=pair_score_fn)
+    lap("episodes")
+  if run_config.eval.lake_runs and splits.lake_runs:
+    results["lake_runs"] = lake_runs_accuracy(embed_fn, variables, splits.lake_runs, batch_size=batch_size,
+                                              pair_score_fn=pair_score_fn)
+  elif run_config.data.get("omniglot_split") == "vinyals":
+    results["lake_runs"] = {"skipped": "not scored for the Vinyals split: it trains on characters of the "
+                                       "evaluation alphabets that Lake's runs are drawn from"}
+  else:
+    results["lake_runs"] = {"skipped": "Lake's runs are Omniglot's (all_runs.zip in the data folder) and "
+                                       "eval.lake_runs must be true"}
+  lap("lake_runs")
+  if splits.vinyals_test is not None:
+    vinyals = splits.vinyals_test
+    vinyals_embeddings = test_embeddings if vinyals is test else embed_images(
+        embed_fn, variables, pipeline.all_images(vinyals), batch_size, progress)
+    results["vinyals"] = vinyals_report(vinyals_embeddings, vinyals, ways=ways, shots=shots, queries=queries,
+                                        num_episodes=num_episodes, seed=seed, pair_score_fn=pair_score_fn)
+    lap("vinyals")
+  return results
+
+
 def evaluate_workdir(workdir: str | pathlib.Path, *, checkpoint: str = "best", config=None,
                      ways: Sequence[int] = (5, 20), shots: Sequence[int] = (1, 5),
                      queries_per_class: int | None = None, num_episodes: int = 1000,
@@ -911,27 +949,10 @@ def evaluate_workdir(workdir: str | pathlib.Path, *, checkpoint: str = "best", c
       "seed": seed}
   embeddings = model.embed(test, batch_size=batch_size, progress=progress)
   lap("embed_test")
-  results["episodes"] = one_shot_report(
-      embeddings, test.labels, test.class_groups, ways=ways, shots=shots, queries=queries,
-      num_episodes=num_episodes, seed=seed, pair_score_fn=pair_score_fn)
-  lap("episodes")
-  if run_config.eval.lake_runs and splits.lake_runs:
-    results["lake_runs"] = lake_runs_accuracy(model.embed_fn, model.variables, splits.lake_runs,
-                                              batch_size=batch_size, pair_score_fn=pair_score_fn)
-  elif run_config.data.get("omniglot_split") == "vinyals":
-    results["lake_runs"] = {"skipped": "not scored for the Vinyals split: it trains on characters of the "
-                                       "evaluation alphabets that Lake's runs are drawn from"}
-  else:
-    results["lake_runs"] = {"skipped": "Lake's runs are Omniglot's (all_runs.zip in the data folder) and "
-                                       "eval.lake_runs must be true"}
-  lap("lake_runs")
-  if splits.vinyals_test is not None:
-    vinyals = splits.vinyals_test
-    vinyals_embeddings = embeddings if vinyals is test else model.embed(vinyals, batch_size=batch_size,
-                                                                        progress=progress)
-    results["vinyals"] = vinyals_report(vinyals_embeddings, vinyals, ways=ways, shots=shots, queries=queries,
-                                        num_episodes=num_episodes, seed=seed, pair_score_fn=pair_score_fn)
-    lap("vinyals")
+  results.update(one_shot_results(model.embed_fn, model.variables, splits, embeddings, run_config, ways=ways,
+                                  shots=shots, queries=queries, num_episodes=num_episodes, seed=seed,
+                                  batch_size=batch_size, pair_score_fn=pair_score_fn, progress=progress,
+                                  lap=lap))
 
   record = calibrate(model, splits, scoring=scoring, method=threshold_method, target_far=target_far,
                      num_pairs=num_pairs, seed=seed, batch_size=batch_size, progress=progress)

@@ -443,24 +443,13 @@ def final_report(embed_fn, state: TrainState, splits: pipeline.Splits, config, *
   pair_score_fn = None
   if graphdef is not None and models.has_pair_head(nnx.merge(graphdef, state.params, state.model_state)):
     pair_score_fn = models.make_pair_score_fn(models.make_pair_logits_fn(graphdef), variables_of(state))
-  results: dict[str, Any] = {"step": step}
   test = splits.test
+  embeddings = None
   if len(test):
     embeddings = evaluate.embed_images(embed_fn, variables_of(state), pipeline.all_images(test),
                                        eval_config.batch_size, progress=jax.process_index() == 0)
-    results["episodes"] = evaluate.one_shot_report(
-        embeddings, test.labels, test.class_groups, ways=tuple(eval_config.test_ways),
-        shots=tuple(eval_config.test_shots), queries=eval_config.queries_per_class,
-        num_episodes=eval_config.test_episodes, seed=config.seed, pair_score_fn=pair_score_fn)
-  if eval_config.lake_runs and splits.lake_runs:
-    results["lake_runs"] = evaluate.lake_runs_accuracy(embed_fn, variables_of(state), splits.lake_runs,
-                                                       pair_score_fn=pair_score_fn)
-  if splits.vinyals_test is not None:
-    vinyals = splits.vinyals_test
-    vinyals_embeddings = embeddings if vinyals is test else evaluate.embed_images(
-        embed_fn, variables_of(state), pipeline.all_images(vinyals), eval_config.batch_size)
-    results["vinyals"] = evaluate.vinyals_report(
-        vinyals_embeddings, vinyals, ways=tuple(eval_config.test_ways), shots=tuple(eval_config.test_shots),
-        queries=eval_config.queries_per_class, num_episodes=eval_config.test_episodes, seed=config.seed,
-        pair_score_fn=pair_score_fn)
-  return results
+  return {"step": step, **evaluate.one_shot_results(
+      embed_fn, variables_of(state), splits, embeddings, config, ways=tuple(eval_config.test_ways),
+      shots=tuple(eval_config.test_shots), queries=eval_config.queries_per_class,
+      num_episodes=eval_config.test_episodes, seed=config.seed, batch_size=eval_config.batch_size,
+      pair_score_fn=pair_score_fn)}

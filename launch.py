@@ -14,6 +14,7 @@ On a trained workdir (its config.json and checkpoints; --checkpoint=best|latest|
   python launch.py --mode=gallery --workdir=W --gallery=DIR --queries=DIR --method=nearest|centroid|medoid
   python launch.py --mode=openset --workdir=W --gallery=DIR --queries=DIR
   python launch.py --mode=plots --workdir=W                    # PNGs -> W/eval/plots/
+  python launch.py --mode=ensemble --workdir=E --members=W1,W2  # then every mode above works on E
 """
 
 import difflib
@@ -30,14 +31,14 @@ from absl import app, flags, logging  # noqa: E402
 import ml_collections  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-MODES = ("train", "eval", "calibrate", "export", "compare", "gallery", "openset", "plots")
+MODES = ("train", "eval", "calibrate", "export", "compare", "gallery", "openset", "plots", "ensemble")
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/omniglot.py or configs/omniglot.py:smoke. "
                                 "Required to train; other modes read <workdir>/config.json unless it is given.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, the resolved config and results.")
 flags.DEFINE_enum("mode", "train", MODES, "train (then evaluate on the test classes) | eval | calibrate | export | "
-                  "compare | gallery | openset | plots: see the module docstring.")
+                  "compare | gallery | openset | plots | ensemble: see the module docstring.")
 flags.mark_flags_as_required(["workdir"])
 # Training on several processes (several hosts, or one process per GPU): README "Scaling out".
 flags.DEFINE_string("coordinator_address", None, "train on several processes: host:port where process 0 listens "
@@ -75,6 +76,8 @@ flags.DEFINE_enum("method", "nearest", ("nearest", "centroid", "medoid"), "galle
                   "the nearest gallery image, the class centroid, or the class medoid.")
 flags.DEFINE_enum("invert", "auto", ("auto", "yes", "no"), "compare/gallery/openset/export --images: invert image "
                   "files (dark ink -> bright); auto = as the model's training data (Omniglot: yes).")
+flags.DEFINE_list("members", None, "ensemble: the trained workdirs to combine (comma-separated); --checkpoint "
+                  "picks each one's checkpoint, fixed from then on.")
 flags.DEFINE_integer("batch_size", None, "Images embedded per call (default: the run's eval.batch_size).")
 
 
@@ -130,6 +133,11 @@ def main(argv):
       from siamese_jax import plots
       print_mapping(plots.plot_workdir(workdir, output=FLAGS.output, num_pairs=FLAGS.pairs, seed=FLAGS.seed,
                                        batch_size=FLAGS.batch_size, **common))
+    elif mode == "ensemble":
+      from siamese_jax import ensemble
+      require("ensemble", members=FLAGS.members)
+      print_mapping(ensemble.make_ensemble(workdir, FLAGS.members, checkpoint=FLAGS.checkpoint,
+                                           batch_size=FLAGS.batch_size))
   except UserError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

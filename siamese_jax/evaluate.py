@@ -319,6 +319,19 @@ def vinyals_report(embeddings: np.ndarray, source, *, ways: Sequence[int], shots
                          pair_score_fn=pair_score_fn)["unstructured"]
 
 
+def validation_accuracy(embeddings: np.ndarray, source, eval_config, seed: int) -> float:
+  """Mean N-way 1-shot accuracy over fixed episodes of the validation classes `source` (their
+  `embeddings`): what training selects checkpoints by. N = eval.validation_ways (at most the classes
+  available), eval.validation_episodes episodes seeded by `seed`, within one group unless
+  eval.validation_within_group is false."""
+  within = eval_config.get("validation_within_group", True)  # absent from configs written before it existed
+  largest = int(np.bincount(source.class_groups).max()) if within else source.num_classes
+  episodes = sample_episodes(source.labels, source.class_groups, ways=min(eval_config.validation_ways, largest),
+                             shots=1, queries=eval_config.queries_per_class,
+                             num_episodes=eval_config.validation_episodes, seed=seed, within_group=within)
+  return float(episode_accuracies(embeddings, episodes).mean())
+
+
 def check_episode_settings(labels: np.ndarray, class_groups: np.ndarray, *, ways: Sequence[int],
                            shots: Sequence[int], queries: int, split: str = "test") -> None:
   """Raises UserError when a requested N or K cannot be met by any mode on this split.

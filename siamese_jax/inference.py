@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from siamese_jax import evaluate, models
+from siamese_jax import ensemble, evaluate, models
 from siamese_jax.errors import UserError
 
 CHECKPOINT_CHOICES = ("best", "latest")
@@ -182,6 +182,7 @@ class TrainedModel:
   embed_fn: Callable
   pair_logits_fn: Callable | None
   config_hash: str
+  members: tuple = ()  # an ensemble's member models (siamese_jax/ensemble.py); empty for one model
 
   @property
   def has_pair_head(self) -> bool:
@@ -217,7 +218,8 @@ class TrainedModel:
   def describe(self) -> dict:
     return {"step": self.step, "path": str(self.checkpoint_dir), "selected_by": self.selected_by,
             "model": str(self.config.model.name), "image_shape": list(self.image_shape),
-            "config_hash": self.config_hash}
+            "config_hash": self.config_hash,
+            **({"members": [m.describe() for m in self.members]} if self.members else {})}
 
 
 def load_trained_model(workdir: str | os.PathLike | None = None, *, checkpoint: str | os.PathLike = "best",
@@ -226,11 +228,14 @@ def load_trained_model(workdir: str | os.PathLike | None = None, *, checkpoint: 
 
   The config is `config` if given, else `<workdir>/config.json`, else the config.json of the workdir the
   checkpoint path lies in. `checkpoint`: "best" (by validation accuracy), "latest", a step number, or a
-  path to a `checkpoints/<step>` directory.
+  path to a `checkpoints/<step>` directory. A workdir made by `--mode=ensemble` loads as one model
+  (siamese_jax/ensemble.py).
   """
   workdir_path = pathlib.Path(workdir).expanduser() if workdir else None
   if workdir_path is not None and not workdir_path.is_dir():
     raise UserError(f"workdir {workdir_path}: not found (or not a directory).")
+  if ensemble.is_ensemble(workdir_path):
+    return ensemble.load_ensemble(workdir_path, checkpoint, config)
   step_dir, step, selected_by = select_checkpoint(workdir_path, checkpoint)
   if config is None:
     candidates = [workdir_path / "config.json"] if workdir_path is not None else []

@@ -157,22 +157,14 @@ def variables_of(state: TrainState):
 
 
 def validation_accuracy(embed_fn, state: TrainState, source, eval_config, seed: int) -> float:
-  """Mean N-way 1-shot accuracy on the validation classes (fixed episodes), within one group unless
-  eval.validation_within_group is false.
+  """`evaluate.validation_accuracy` of the model in `state` on the validation classes `source`.
 
   `state` must be addressable by this process (`DataParallel.local_copy`): every process embeds on its
   own, with no program spanning processes.
   """
   embeddings = evaluate.embed_images(embed_fn, variables_of(state), pipeline.all_images(source),
                                      eval_config.batch_size)
-  within = eval_config.get("validation_within_group", True)  # absent from configs written before it existed
-  largest = int(np.bincount(source.class_groups).max()) if within else source.num_classes
-  episodes = evaluate.sample_episodes(source.labels, source.class_groups,
-                                      ways=min(eval_config.validation_ways, largest), shots=1,
-                                      queries=eval_config.queries_per_class,
-                                      num_episodes=eval_config.validation_episodes, seed=seed,
-                                      within_group=within)
-  return float(evaluate.episode_accuracies(embeddings, episodes).mean())
+  return evaluate.validation_accuracy(embeddings, source, eval_config, seed)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:

@@ -1,5 +1,5 @@
 """Evaluation and inference on a trained workdir: the eval, calibrate, compare, gallery and openset modes,
-checkpoint selection, and every bad input of issue 3 item 11 with its message.
+checkpoint selection, ensembles of workdirs, and every bad input of issue 3 item 11 with its message.
 
 The workdir is `tests/trained_workdir.py`'s tiny synthetic run (trained once per session). Modes run
 through `launch.py`: in this process (`run_launch`: the same flag parsing and `main`, without a new
@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from absl import flags
 from PIL import Image
 
 import launch
-from siamese_jax import checkpoint, evaluate, inference, models, train
+from siamese_jax import checkpoint, ensemble, evaluate, inference, models, train
 from siamese_jax.errors import UserError
 from trained_workdir import TEST_CLASSES, copy_of, smoke_config, trained_workdir
 
@@ -429,3 +430,96 @@ def test_training_report_scores_a_koch_model_with_its_head_like_eval_mode(koch_w
       by_eval["episodes"]["unstructured"]["5way1shot"]["mean"])
   by_distance = train.final_report(embed_fn, built.state, built.splits, config, step=0)
   assert by_distance["episodes"] != report["episodes"]
+
+
+# ------------------------------------------------------------------------------------------------
+# ensemble: several workdirs as one model
+
+
+@pytest.fixture(scope="module")
+def narrow_workdir(tmp_path_factory) -> pathlib.Path:
+  """A second member: the smoke run at half the width (same data and seed, so the same splits)."""
+  workdir = tmp_path_factory.mktemp("narrow") / "run"
+  config = smoke_config()
+  config.model.width = 32
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def _squared_distances(embeddings: np.ndarray) -> np.ndarray:
+  return np.sum((embeddings[:, None].astype(np.float64) - embeddings[None]) ** 2, axis=-1)
+
+
+def test_ensemble_is_its_members_side_by_side_in_every_mode(workdir, narrow_workdir, tmp_path, capsys):
+  from siamese_jax.data import pipeline
+  ensemble_dir = tmp_path / "ensemble"
+  code, out, err = run_launch(["--mode=ensemble", f"--workdir={ensemble_dir}",
+                               f"--members={workdir},{narrow_workdir}"], capsys)
+  assert code == 0, err
+  record = json.loads((ensemble_dir / "ensemble.json").read_text())
+  members = [inference.load_trained_model(w) for w in (workdir, narrow_workdir)]
+  assert [m["checkpoint"] for m in record["members"]] == [str(m.checkpoint_dir) for m in members]
+  model = inference.load_trained_model(ensemble_dir)
+  assert model.describe()["members"] == [m.describe() for m in members]
+  splits = pipeline.load_splits(model.config.data, seed=model.config.seed)
+  images = pipeline.all_images(splits.test)[:24]
+  separate = [m.embed(images) for m in members]
+  together = model.embed(images)
+  assert together.shape == (24, 64 + 32)
+  # Its squared distance is the mean of the members', each in units of its RMS length on validation.
+  expected = sum(_squared_distances(e) / m["rms_embedding_length"] ** 2 for e, m in zip(separate, record["members"]))
+  np.testing.assert_allclose(_squared_distances(together), expected / 2, rtol=1e-4, atol=1e-6)
+  validation = model.embed(splits.validation)
+  assert np.sqrt(np.mean(np.sum(validation.astype(np.float64) ** 2, axis=-1))) == pytest.approx(1.0, rel=1e-5)
+  # Each member's validation accuracy is the one its training run stored with that checkpoint (the same
+  # protocol), and the ensemble's is that protocol on the ensemble's embeddings.
+  summary = ensemble.make_ensemble(tmp_path / "again", [workdir, narrow_workdir], progress=False)
+  for member, loaded in zip((workdir, narrow_workdir), members):
+    stored = [json.loads(line) for line in (member / "metrics.jsonl").read_text().splitlines()]
+    at_step = [r["validation/accuracy"] for r in stored if r["step"] == loaded.step and "validation/accuracy" in r]
+    assert summary["members"][str(member)]["validation_accuracy"] == pytest.approx(at_step[-1], abs=1e-6)
+  assert summary["validation_accuracy"] == pytest.approx(
+      evaluate.validation_accuracy(validation, splits.validation, model.config.eval, model.config.seed))
+  assert f"validation_accuracy: {summary['validation_accuracy']:.6g}" in out
+  # Every mode on a workdir works on the ensemble's.
+  code, out, err = run_launch(["--mode=eval", f"--workdir={ensemble_dir}", "--episodes=50", "--ways=5",
+                               "--shots=1", "--pairs=200"], capsys)
+  assert code == 0, err
+  results = json.loads((ensemble_dir / "eval" / "results.json").read_text())
+  assert len(results["checkpoint"]["members"]) == 2 and "ensemble of 2 members" in out
+  image = tmp_path / "a.png"
+  Image.fromarray(np.asarray(splits.test[0])[..., 0]).save(image)
+  code, out, err = run_launch(["--mode=compare", f"--workdir={ensemble_dir}", f"--image1={image}",
+                               f"--image2={image}"], capsys)
+  assert code == 0 and "decision: same" in out, err
+
+
+def test_bad_ensembles_are_explained(workdir, narrow_workdir, koch_workdir, tmp_path, capsys):
+  target = tmp_path / "ensemble"
+  with pytest.raises(UserError, match="needs at least 2 trained workdirs, got 1"):
+    ensemble.make_ensemble(target, [workdir])
+  with pytest.raises(UserError, match="names a workdir twice"):
+    ensemble.make_ensemble(target, [workdir, workdir])
+  with pytest.raises(UserError, match=f"ensemble member {koch_workdir}: has a pair head"):
+    ensemble.make_ensemble(target, [workdir, koch_workdir])
+  with pytest.raises(UserError, match="holds a training run"):
+    ensemble.make_ensemble(narrow_workdir, [workdir, narrow_workdir])
+  # The same run under another seed: on synthetic data its training classes are other records, among
+  # them some of the first member's test images, so its scores there would not be one-shot.
+  reseeded = copy_of(narrow_workdir, tmp_path / "reseeded")
+  config = json.loads((reseeded / "config.json").read_text())
+  config["seed"] = 1
+  (reseeded / "config.json").write_text(json.dumps(config))
+  code, _, err = run_launch(["--mode=ensemble", f"--workdir={target}", f"--members={workdir},{reseeded}"], capsys)
+  assert re.match(rf"error: ensemble member {reseeded}: trained on \d+ image\(s\) of the first member's "
+                  r"(validation|test) split", error_line(code, err)), err
+  assert not target.exists()
+  member = copy_of(narrow_workdir, tmp_path / "member")
+  ensemble.make_ensemble(target, [workdir, member], progress=False)
+  code, _, err = run_launch(["--mode=eval", f"--workdir={target}", "--checkpoint=latest"], capsys)
+  assert "checkpoints and configs were fixed when it was made" in error_line(code, err)
+  shutil.rmtree(member / "checkpoints")
+  code, _, err = run_launch(["--mode=compare", f"--workdir={target}", "--image1=a", "--image2=b"], capsys)
+  assert "is gone; make the ensemble again" in error_line(code, err)
+  code, _, err = run_launch(["--mode=ensemble", f"--workdir={tmp_path / 'other'}"], capsys)
+  assert error_line(code, err) == "error: --mode=ensemble needs --members."

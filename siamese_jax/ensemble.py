@@ -1,0 +1,165 @@
+"""Ensembles: several trained workdirs used as one model, wherever a workdir is.
+
+  python launch.py --mode=ensemble --workdir=runs/ens --members=runs/a,runs/b   # writes runs/ens/ensemble.json
+  python launch.py --mode=eval --workdir=runs/ens                              # any mode on a workdir
+
+`make_ensemble` fixes each member's checkpoint (`--checkpoint`, best by default, resolved once) and
+writes `<workdir>/ensemble.json`; from then on `inference.load_trained_model` loads that workdir as one
+model, so eval, calibrate, export, compare, gallery, openset and plots all work on it unchanged.
+
+The ensemble's embedding of an image is its members' embeddings side by side, each divided by the
+member's root-mean-square embedding length on the validation images and by sqrt(#members). Its squared
+distance is then the mean of the members' squared distances, each in its member's typical units, so a
+member with larger embeddings (a wider network) does not outvote the others, and a class prototype is
+the members' prototypes side by side.
+
+The first member's config is the ensemble's: its splits (validation, test, Lake's runs) are what the
+ensemble is validated and tested on. Members must take the same input and be distance models (a Koch
+pair head is not combined), and no member may have trained on an image of those splits: a member from
+another split or seed is checked image file by image file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+from typing import Callable, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from siamese_jax import evaluate
+from siamese_jax.errors import UserError
+
+FILENAME = "ensemble.json"
+
+
+def is_ensemble(workdir: pathlib.Path | None) -> bool:
+  return workdir is not None and (workdir / FILENAME).is_file()
+
+
+def combined_embed_fn(embed_fns: Sequence[Callable], scales: Sequence[float]) -> Callable:
+  """`embed_fn(variables, images)` of the ensemble: `variables` is the tuple of the members' variables."""
+  def embed_fn(variables, images):
+    return jnp.concatenate([fn(v, images) * scale for fn, v, scale in zip(embed_fns, variables, scales)],
+                           axis=-1)
+  return embed_fn
+
+
+def _image_files(source) -> set[str]:
+  # A record's file without its view suffix ("...png#rot090" in Vinyals' split is that file rotated).
+  return {file_id.split("#")[0] for file_id in source.file_ids}
+
+
+def _check_members(models: list, workdirs: list[pathlib.Path]) -> None:
+  """Same input, no pair head, and no member trained on an image the first member's splits hold out."""
+  from siamese_jax.data import pipeline
+  first = models[0]
+  for model, workdir in zip(models, workdirs):
+    if model.has_pair_head:
+      raise UserError(f"ensemble member {workdir}: has a pair head (model.name='{model.config.model.name}'); "
+                      "an ensemble combines embedding distances, so its members must be distance models.")
+    if model.image_shape != first.image_shape:
+      raise UserError(f"ensemble member {workdir}: takes {model.image_shape} images, the first member "
+                      f"({workdirs[0]}) {first.image_shape}; members must take the same input.")
+    if model.config.data.source != first.config.data.source:
+      raise UserError(f"ensemble member {workdir}: trained on data.source='{model.config.data.source}', "
+                      f"the first member on '{first.config.data.source}'.")
+  splits = pipeline.load_splits(first.config.data, seed=first.config.seed)
+  held_out = {name: _image_files(source) for name, source in
+              (("validation", splits.validation), ("test", splits.test), ("Vinyals test", splits.vinyals_test))
+              if source is not None}
+  seen = {(first.config.data.to_json(), first.config.seed)}
+  for model, workdir in zip(models[1:], workdirs[1:]):
+    key = (model.config.data.to_json(), model.config.seed)
+    if key in seen:  # the same data and seed: the same splits as a member already checked
+      continue
+    seen.add(key)
+    trained_on = _image_files(pipeline.load_splits(model.config.data, seed=model.config.seed).train)
+    for name, files in held_out.items():
+      overlap = sorted(trained_on & files)
+      if overlap:
+        raise UserError(f"ensemble member {workdir}: trained on {len(overlap)} image(s) of the first member's "
+                        f"{name} split (e.g. {overlap[0]}); an ensemble must not be validated or tested on "
+                        "what a member saw. Use members trained on the same split.")
+
+
+def make_ensemble(workdir: str | pathlib.Path, members: Sequence[str | pathlib.Path], *, checkpoint: str = "best",
+                  batch_size: int | None = None, progress: bool = True) -> dict:
+  """Writes `<workdir>/ensemble.json` for `members` (trained workdirs) and returns a summary with the
+  validation accuracy of each member and of the ensemble (the training runs' protocol: fixed N-way
+  1-shot episodes of the first member's validation classes)."""
+  from siamese_jax import inference
+  from siamese_jax.data import pipeline
+  workdir = pathlib.Path(workdir).expanduser()
+  member_dirs = [pathlib.Path(m).expanduser().resolve() for m in members]
+  if len(member_dirs) < 2:
+    raise UserError(f"--members: an ensemble needs at least 2 trained workdirs, got {len(member_dirs)}.")
+  if len(set(member_dirs)) != len(member_dirs):
+    raise UserError(f"--members: {', '.join(map(str, member_dirs))} names a workdir twice.")
+  if workdir.resolve() in member_dirs or (workdir / "checkpoints").exists():
+    raise UserError(f"workdir {workdir}: holds a training run; give the ensemble a workdir of its own.")
+  for member in member_dirs:
+    if is_ensemble(member):
+      raise UserError(f"ensemble member {member}: is an ensemble itself; list its members instead.")
+  models = [inference.load_trained_model(member, checkpoint=checkpoint) for member in member_dirs]
+  _check_members(models, member_dirs)
+  config = models[0].config
+  splits = pipeline.load_splits(config.data, seed=config.seed)
+  source, source_name = (splits.validation, "validation") if splits.validation is not None else (splits.train,
+                                                                                                  "train")
+  batch_size = batch_size or int(config.eval.batch_size)
+  embeddings = [model.embed(source, batch_size=batch_size, progress=progress) for model in models]
+  rms = [float(np.sqrt(np.mean(np.sum(e.astype(np.float64) ** 2, axis=-1)))) for e in embeddings]
+  scales = [1.0 / (max(r, 1e-12) * np.sqrt(len(models))) for r in rms]
+  record = {"members": [{"workdir": str(member), "checkpoint": str(model.checkpoint_dir), "step": model.step,
+                         "selected_by": model.selected_by, "rms_embedding_length": r, "scale": s}
+                        for member, model, r, s in zip(member_dirs, models, rms, scales)],
+            "scales_from": f"{source_name} split of the first member ({len(source)} images)"}
+  summary = {"written": str(workdir / FILENAME), "members": {}}
+  if splits.validation is not None:
+    combined = np.concatenate([e * s for e, s in zip(embeddings, scales)], axis=-1)
+    for member, model, member_embeddings in zip(member_dirs, models, embeddings):
+      summary["members"][str(member)] = {"step": model.step, "validation_accuracy": evaluate.validation_accuracy(
+          member_embeddings, splits.validation, config.eval, config.seed)}
+    summary["validation_accuracy"] = evaluate.validation_accuracy(combined, splits.validation, config.eval,
+                                                                  config.seed)
+    record["validation_accuracy"] = summary["validation_accuracy"]
+  workdir.mkdir(parents=True, exist_ok=True)
+  evaluate.write_json(workdir / FILENAME, record)
+  return summary
+
+
+def load_ensemble(workdir: pathlib.Path, checkpoint: str = "best", config=None):
+  """The ensemble in `<workdir>/ensemble.json` as one `inference.TrainedModel`."""
+  from siamese_jax import inference
+  path = workdir / FILENAME
+  if str(checkpoint) != "best" or config is not None:
+    raise UserError(f"{workdir} is an ensemble ({path}): its members' checkpoints and configs were fixed "
+                    "when it was made; drop --checkpoint/--config, or make another with --mode=ensemble.")
+  try:
+    record = json.loads(path.read_text())
+    members = [(pathlib.Path(m["workdir"]), m["checkpoint"], float(m["scale"]), str(m["selected_by"]))
+               for m in record["members"]]
+  except (OSError, ValueError, KeyError, TypeError) as error:
+    raise UserError(f"{path}: not a readable ensemble record ({type(error).__name__}: {error}); make it "
+                    "again with --mode=ensemble.") from error
+  models = []
+  for member_workdir, member_checkpoint, _, selected_by in members:
+    if not pathlib.Path(member_checkpoint).is_dir():
+      raise UserError(f"{path}: member checkpoint {member_checkpoint} is gone; make the ensemble again "
+                      "with --mode=ensemble.")
+    model = inference.load_trained_model(member_workdir, checkpoint=member_checkpoint)
+    models.append(dataclasses.replace(model, selected_by=selected_by))  # why it was chosen, when made
+  first = models[0]
+  scales = [scale for _, _, scale, _ in members]
+  fingerprint = hashlib.sha256("".join(f"{m.config_hash}{m.checkpoint_dir}{s!r}" for m, s in zip(models, scales))
+                               .encode()).hexdigest()[:16]
+  return inference.TrainedModel(
+      config=first.config, workdir=workdir, checkpoint_dir=path, step=first.step,
+      selected_by=f"ensemble of {len(models)} members", image_shape=first.image_shape, graphdef=None,
+      variables=tuple(m.variables for m in models),
+      embed_fn=combined_embed_fn([m.embed_fn for m in models], scales), pair_logits_fn=None,
+      config_hash=fingerprint, members=tuple(models))

@@ -53,8 +53,8 @@ def _image_files(source) -> set[str]:
   return {file_id.split("#")[0] for file_id in source.file_ids}
 
 
-def _check_members(models: list, workdirs: list[pathlib.Path]) -> None:
-  """Same input, no pair head, and no member trained on an image the first member's splits hold out."""
+def _check_members(models: list, workdirs: list[pathlib.Path], splits) -> None:
+  """Same input, no pair head, and no member trained on an image the first member's `splits` hold out."""
   from siamese_jax.data import pipeline
   first = models[0]
   for model, workdir in zip(models, workdirs):
@@ -67,7 +67,6 @@ def _check_members(models: list, workdirs: list[pathlib.Path]) -> None:
     if model.config.data.source != first.config.data.source:
       raise UserError(f"ensemble member {workdir}: trained on data.source='{model.config.data.source}', "
                       f"the first member on '{first.config.data.source}'.")
-  splits = pipeline.load_splits(first.config.data, seed=first.config.seed)
   held_out = {name: _image_files(source) for name, source in
               (("validation", splits.validation), ("test", splits.test), ("Vinyals test", splits.vinyals_test))
               if source is not None}
@@ -105,9 +104,9 @@ def make_ensemble(workdir: str | pathlib.Path, members: Sequence[str | pathlib.P
     if is_ensemble(member):
       raise UserError(f"ensemble member {member}: is an ensemble itself; list its members instead.")
   models = [inference.load_trained_model(member, checkpoint=checkpoint) for member in member_dirs]
-  _check_members(models, member_dirs)
   config = models[0].config
   splits = pipeline.load_splits(config.data, seed=config.seed)
+  _check_members(models, member_dirs, splits)
   source, source_name = (splits.validation, "validation") if splits.validation is not None else (splits.train,
                                                                                                   "train")
   batch_size = batch_size or int(config.eval.batch_size)

@@ -4,7 +4,8 @@
   python launch.py --mode=eval --workdir=runs/ens                              # any mode on a workdir
 
 `make_ensemble` fixes each member's checkpoint (`--checkpoint`, best by default, resolved once) and
-writes `<workdir>/ensemble.json`; from then on `inference.load_trained_model` loads that workdir as one
+writes `<workdir>/ensemble.json`, with paths relative to that workdir (so the members and the ensemble can
+move together); from then on `inference.load_trained_model` loads that workdir as one
 model, so eval, calibrate, export, compare, gallery, openset and plots all work on it unchanged.
 
 The ensemble's embedding of an image is its members' embeddings side by side, each divided by the
@@ -24,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import pathlib
 from typing import Callable, Sequence
 
@@ -113,7 +115,10 @@ def make_ensemble(workdir: str | pathlib.Path, members: Sequence[str | pathlib.P
   embeddings = [model.embed(source, batch_size=batch_size, progress=progress) for model in models]
   rms = [float(np.sqrt(np.mean(np.sum(e.astype(np.float64) ** 2, axis=-1)))) for e in embeddings]
   scales = [1.0 / (max(r, 1e-12) * np.sqrt(len(models))) for r in rms]
-  record = {"members": [{"workdir": str(member), "checkpoint": str(model.checkpoint_dir), "step": model.step,
+  workdir.mkdir(parents=True, exist_ok=True)
+  relative = lambda path: os.path.relpath(path, workdir.resolve())  # survives moving the whole tree
+  record = {"members": [{"workdir": relative(member), "checkpoint": relative(model.checkpoint_dir),
+                         "step": model.step,
                          "selected_by": model.selected_by, "rms_embedding_length": r, "scale": s}
                         for member, model, r, s in zip(member_dirs, models, rms, scales)],
             "scales_from": f"{source_name} split of the first member ({len(source)} images)"}
@@ -126,9 +131,12 @@ def make_ensemble(workdir: str | pathlib.Path, members: Sequence[str | pathlib.P
     summary["validation_accuracy"] = evaluate.validation_accuracy(combined, splits.validation, config.eval,
                                                                   config.seed)
     record["validation_accuracy"] = summary["validation_accuracy"]
-  workdir.mkdir(parents=True, exist_ok=True)
   evaluate.write_json(workdir / FILENAME, record)
   return summary
+
+
+def _under(base: pathlib.Path, path: str) -> pathlib.Path:
+  return pathlib.Path(os.path.normpath(base / path))
 
 
 def load_ensemble(workdir: pathlib.Path, checkpoint: str = "best", config=None):
@@ -140,21 +148,23 @@ def load_ensemble(workdir: pathlib.Path, checkpoint: str = "best", config=None):
                     "when it was made; drop --checkpoint/--config, or make another with --mode=ensemble.")
   try:
     record = json.loads(path.read_text())
-    members = [(pathlib.Path(m["workdir"]), m["checkpoint"], float(m["scale"]), str(m["selected_by"]))
-               for m in record["members"]]
+    base = workdir.resolve()  # paths are relative to the ensemble's workdir (absolute ones still load)
+    members = [(_under(base, m["workdir"]), _under(base, m["checkpoint"]), float(m["scale"]),
+                str(m["selected_by"])) for m in record["members"]]
+    fingerprint_of = [f"{m['checkpoint']}{float(m['scale'])!r}" for m in record["members"]]
   except (OSError, ValueError, KeyError, TypeError) as error:
     raise UserError(f"{path}: not a readable ensemble record ({type(error).__name__}: {error}); make it "
                     "again with --mode=ensemble.") from error
   models = []
   for member_workdir, member_checkpoint, _, selected_by in members:
-    if not pathlib.Path(member_checkpoint).is_dir():
+    if not member_checkpoint.is_dir():
       raise UserError(f"{path}: member checkpoint {member_checkpoint} is gone; make the ensemble again "
                       "with --mode=ensemble.")
     model = inference.load_trained_model(member_workdir, checkpoint=member_checkpoint)
     models.append(dataclasses.replace(model, selected_by=selected_by))  # why it was chosen, when made
   first = models[0]
   scales = [scale for _, _, scale, _ in members]
-  fingerprint = hashlib.sha256("".join(f"{m.config_hash}{m.checkpoint_dir}{s!r}" for m, s in zip(models, scales))
+  fingerprint = hashlib.sha256("".join(m.config_hash + f for m, f in zip(models, fingerprint_of))
                                .encode()).hexdigest()[:16]
   return inference.TrainedModel(
       config=first.config, workdir=workdir, checkpoint_dir=path, step=first.step,

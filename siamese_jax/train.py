@@ -27,7 +27,7 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from siamese_jax import augment, checkpoint, distributed, evaluate, losses, models, optim
+from siamese_jax import augment, checkpoint, distributed, ensemble, evaluate, losses, models, optim
 from siamese_jax.data import pipeline, sampling
 from siamese_jax.errors import UserError
 from siamese_jax.parallel import AXIS, DataParallel
@@ -180,6 +180,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   """
   workdir = pathlib.Path(workdir)
   is_main = jax.process_index() == 0
+  if ensemble.is_ensemble(workdir):
+    raise UserError(f"workdir {workdir}: holds an ensemble ({workdir / ensemble.FILENAME}); train into a "
+                    "workdir of its own.")
   try:
     workdir.mkdir(parents=True, exist_ok=True)
   except OSError as error:

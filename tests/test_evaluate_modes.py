@@ -458,7 +458,10 @@ def test_ensemble_is_its_members_side_by_side_in_every_mode(workdir, narrow_work
   assert code == 0, err
   record = json.loads((ensemble_dir / "ensemble.json").read_text())
   members = [inference.load_trained_model(w) for w in (workdir, narrow_workdir)]
-  assert [m["checkpoint"] for m in record["members"]] == [str(m.checkpoint_dir) for m in members]
+  # Its paths are relative to the ensemble's workdir, and lead to each member's best checkpoint.
+  assert not any(pathlib.Path(m[key]).is_absolute() for m in record["members"] for key in ("workdir", "checkpoint"))
+  assert [os.path.normpath(ensemble_dir.resolve() / m["checkpoint"]) for m in record["members"]] == [
+      str(m.checkpoint_dir.resolve()) for m in members]
   model = inference.load_trained_model(ensemble_dir)
   assert model.describe()["members"] == [m.describe() for m in members]
   splits = pipeline.load_splits(model.config.data, seed=model.config.seed)
@@ -523,3 +526,21 @@ def test_bad_ensembles_are_explained(workdir, narrow_workdir, koch_workdir, tmp_
   assert "is gone; make the ensemble again" in error_line(code, err)
   code, _, err = run_launch(["--mode=ensemble", f"--workdir={tmp_path / 'other'}"], capsys)
   assert error_line(code, err) == "error: --mode=ensemble needs --members."
+  with pytest.raises(UserError, match="holds an ensemble .*ensemble.json.*train into a workdir of its own"):
+    train.train_and_evaluate(smoke_config(), target)
+  assert sorted(p.name for p in target.iterdir()) == ["ensemble.json"]
+
+
+def test_an_ensemble_moves_with_its_members(workdir, narrow_workdir, tmp_path):
+  tree = tmp_path / "tree"
+  members = [copy_of(workdir, tree / "runs" / "a"), copy_of(narrow_workdir, tree / "runs" / "b")]
+  ensemble.make_ensemble(tree / "ensembles" / "ab", members, progress=False)
+  before = inference.load_trained_model(tree / "ensembles" / "ab")
+  images = np.random.default_rng(0).integers(0, 256, (4, *before.image_shape), dtype=np.uint8)
+  expected = before.embed(images)
+  tree.rename(tmp_path / "moved")
+  after = inference.load_trained_model(tmp_path / "moved" / "ensembles" / "ab")
+  assert [str(m.checkpoint_dir) for m in after.members] == [
+      str(tmp_path / "moved" / "runs" / name / "checkpoints" / str(m.step)) for name, m in zip("ab", after.members)]
+  np.testing.assert_array_equal(after.embed(images), expected)
+  assert after.config_hash == before.config_hash  # a threshold calibrated before the move still applies

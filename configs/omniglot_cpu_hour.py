@@ -20,6 +20,19 @@ Expected (2 CPU cores, measured twice, docs/ablations.md row 6 and "Row 6 from s
 ends: its result is then lower (a 2-core machine with AVX2 only ran 2.35 steps/s, so about 8,500 steps;
 docs/ablations.md, under row 7). Resume it with `--config.train.time_limit_minutes=0` to finish the
 schedule.
+
+The most accurate Lake-split model (docs/ablations.md, rows 8, 9 and L2): an ensemble of this run and two
+variants, each trained with the time limit off (times on the Intel Xeon above):
+  OMNIGLOT_DIR=... python launch.py --config=configs/omniglot_cpu_hour.py --config.model.width=96 \
+      --config.train.num_steps=9000 --config.train.time_limit_minutes=0 --workdir=runs/lake_w96      # 54 min
+  OMNIGLOT_DIR=... python launch.py --config=configs/omniglot_cpu_hour.py --config.sampling.m_per_class=4 \
+      --config.sampling.classes_per_group=20 --config.train.num_steps=10000 \
+      --config.train.time_limit_minutes=0 --workdir=runs/lake_60x4                                 # 45 min
+  python launch.py --mode=ensemble --workdir=runs/lake_ens3 --members=runs/cpu_hour,runs/lake_w96,runs/lake_60x4
+  python launch.py --mode=eval --workdir=runs/lake_ens3
+Expected: validation 92.0 % (members 91.05 / 90.5 / 90.5 %); Lake's 20 runs 95.0 % +- 2.2, 20-way 1-shot
+within alphabet 86.5 % +- 0.6 (85.9 / 86.5 % with episode seeds 1 / 2), unstructured 96.0 % +- 0.3,
+Vinyals test 20-way 1-shot 96.4 % +- 0.3.
 """
 
 from configs import omniglot

@@ -115,7 +115,6 @@ def make_ensemble(workdir: str | pathlib.Path, members: Sequence[str | pathlib.P
   embeddings = [model.embed(source, batch_size=batch_size, progress=progress) for model in models]
   rms = [float(np.sqrt(np.mean(np.sum(e.astype(np.float64) ** 2, axis=-1)))) for e in embeddings]
   scales = [1.0 / (max(r, 1e-12) * np.sqrt(len(models))) for r in rms]
-  workdir.mkdir(parents=True, exist_ok=True)
   relative = lambda path: os.path.relpath(path, workdir.resolve())  # survives moving the whole tree
   record = {"members": [{"workdir": relative(member), "checkpoint": relative(model.checkpoint_dir),
                          "step": model.step,
@@ -131,6 +130,7 @@ def make_ensemble(workdir: str | pathlib.Path, members: Sequence[str | pathlib.P
     summary["validation_accuracy"] = evaluate.validation_accuracy(combined, splits.validation, config.eval,
                                                                   config.seed)
     record["validation_accuracy"] = summary["validation_accuracy"]
+  workdir.mkdir(parents=True, exist_ok=True)
   evaluate.write_json(workdir / FILENAME, record)
   return summary
 

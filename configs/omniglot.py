@@ -31,6 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.validation = "alphabets"  # alphabets | drawers | none: held out of the 30 background alphabets
   config.data.num_validation_alphabets = 5  # with validation=alphabets
   config.data.validation_drawers = (13, 14, 15, 16, 17, 18, 19, 20)  # with validation=drawers
+  config.data.train_class_rotations = ()  # e.g. (90, 180, 270): each turn of a train class is one more class
   config.data.num_workers = 0  # Grain worker processes building batches (0 = in the training process)
   # folder / tfds sources only:
   config.data.path = ""  # folder root (one sub-folder per class, or group/class)

@@ -273,3 +273,27 @@ def test_omniglot_vinyals_splits(omniglot_dir, omniglot_cache, validation, sizes
 def test_omniglot_split_mistakes_are_user_errors(omniglot_dir, omniglot_cache, data, message):
   with pytest.raises(UserError, match=message):
     pipeline.load_splits(real_omniglot_config(omniglot_dir, omniglot_cache, **data).data, seed=0)
+
+
+def test_train_class_rotations_turn_only_the_train_classes(omniglot_dir, omniglot_cache):
+  plain = pipeline.load_splits(real_omniglot_config(omniglot_dir, omniglot_cache).data, seed=0)
+  config = real_omniglot_config(omniglot_dir, omniglot_cache, train_class_rotations=(90, 180, 270))
+  splits = pipeline.load_splits(config.data, seed=0)
+  # Each train character in 4 orientations, each orientation of an alphabet an alphabet of its own.
+  assert splits.train.num_classes == 4 * plain.train.num_classes
+  assert splits.train.num_groups == 4 * plain.train.num_groups
+  assert splits.train.class_names[:plain.train.num_classes] == plain.train.class_names
+  np.testing.assert_array_equal(splits.train.images[len(plain.train):2 * len(plain.train)],
+                                np.rot90(plain.train.images, axes=(1, 2)))
+  for name in ("validation", "test", "vinyals_test"):  # what is held out stays as it is
+    assert getattr(splits, name).file_ids == getattr(plain, name).file_ids
+  assert len(splits.lake_runs) == 20
+
+
+@pytest.mark.parametrize("data, message", [
+    (dict(train_class_rotations=(90, 45)), r"data.train_class_rotations: .*\(90, 45\): expected distinct"),
+    (dict(omniglot_split="vinyals", train_class_rotations=(180,)), "that split's classes are rotated already"),
+])
+def test_train_class_rotation_mistakes_are_user_errors(omniglot_dir, omniglot_cache, data, message):
+  with pytest.raises(UserError, match=message):
+    pipeline.load_splits(real_omniglot_config(omniglot_dir, omniglot_cache, **data).data, seed=0)

@@ -151,6 +151,42 @@ def test_select_classes_order_does_not_matter():
   assert inner.class_names == ["g2/c4"] and inner.labels.tolist() == [0, 0]
 
 
+def test_rotated_classes_are_new_classes_in_new_groups():
+  images = np.zeros((4, 3, 3, 1), np.uint8)
+  images[:, 0, 2] = 255  # ink in the top-right corner of every image
+  source = sources.ImageSource.from_arrays(
+      images, [0, 0, 1, 1], class_names=["A/c0", "B/c1"], class_groups=[0, 1], group_names=["A", "B"],
+      drawers=[1, 2, 1, 2])
+  turned = source.with_rotated_classes((90, 270))
+  assert turned.class_names == ["A/c0", "B/c1", "A/c0/rot090", "B/c1/rot090", "A/c0/rot270", "B/c1/rot270"]
+  assert turned.group_names == ["A", "B", "A/rot090", "B/rot090", "A/rot270", "B/rot270"]
+  assert turned.class_groups.tolist() == [0, 1, 2, 3, 4, 5]
+  assert turned.labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+  assert turned.file_ids[4:6] == ["0#rot090", "1#rot090"] and turned.drawers.tolist() == [1, 2] * 6
+  # Counter-clockwise: a quarter turn takes the top-right corner to the top-left, three to the bottom-right.
+  corner = [tuple(np.argwhere(turned.images[i, :, :, 0])[0]) for i in (0, 4, 8)]
+  assert corner == [(0, 2), (0, 0), (2, 2)]
+  assert source.with_rotated_classes(()) is source
+
+
+def test_rotated_classes_of_a_lazy_source_and_bad_angles():
+  source = small_source()
+  lazy = sources.ImageSource(labels=source.labels, class_names=source.class_names,
+                             class_groups=source.class_groups, group_names=source.group_names,
+                             file_ids=source.file_ids, drawers=source.drawers, image_shape=(2, 2, 1),
+                             loader=lambda row: source.images[row])
+  turned = lazy.with_rotated_classes((180,))
+  assert turned.in_memory and turned.num_classes == 12 and turned.num_groups == 6
+  np.testing.assert_array_equal(turned.images[12:], source.images[:, ::-1, ::-1])
+  for bad in ((45,), (90, 90), (0,), (360,)):
+    with pytest.raises(UserError, match="expected distinct angles among 90, 180, 270"):
+      source.with_rotated_classes(bad)
+  wide = sources.ImageSource.from_arrays(np.zeros((2, 2, 3, 1), np.uint8), [0, 1])
+  with pytest.raises(UserError, match="quarter turns need square images, these are 2x3"):
+    wide.with_rotated_classes((90,))
+  assert wide.with_rotated_classes((180,)).num_classes == 4
+
+
 def test_split_classes_fraction_count_and_determinism():
   source = small_source()
   kept, held = sources.split_classes(source, 0.5, seed=3)

@@ -102,6 +102,24 @@ class Splits:
 
 
 def load_splits(data_config, seed: int) -> Splits:
+  """The splits of `_source_splits`, with `data.train_class_rotations` applied to the train classes.
+
+  Each rotation turns every train class into one more class (`ImageSource.with_rotated_classes`);
+  validation and test classes stay as they are.
+  """
+  rotations = tuple(data_config.get("train_class_rotations", ()))  # absent from configs written before it
+  if rotations and data_config.source == "omniglot" and data_config.get("omniglot_split") == "vinyals":
+    raise UserError(f"data.train_class_rotations={rotations} with data.omniglot_split='vinyals': that "
+                    "split's classes are rotated already; set data.train_class_rotations=().")
+  splits = _source_splits(data_config, seed)
+  try:
+    splits.train = splits.train.with_rotated_classes(rotations)
+  except UserError as error:
+    raise UserError(f"data.train_class_rotations: {error}") from None
+  return splits
+
+
+def _source_splits(data_config, seed: int) -> Splits:
   """Builds the splits named by `data_config.source`; test classes are never trained on.
 
   omniglot, data.omniglot_split="lake": train/validation from the 30 background alphabets (held-out

@@ -391,6 +391,35 @@ class ImageSource:
     indices = np.flatnonzero(np.isin(self.labels, classes))
     return self._view(indices, classes)
 
+  def with_rotated_classes(self, degrees: Sequence[int]) -> ImageSource:
+    """These classes plus, for each angle in `degrees` (90, 180, 270), every class turned by it.
+
+    A turned class is a new class ("Greek/character03/rot090") in a new group ("Greek/rot090"): a
+    turned alphabet is another alphabet, so within-group batches stay one script in one orientation.
+    Turns are counter-clockwise, as in Vinyals et al.'s split; file ids get "#rotDDD", as there. The
+    images are decoded into memory (a lazy source is read once here).
+    """
+    degrees = list(degrees)
+    if any(d not in (90, 180, 270) for d in degrees) or len(set(degrees)) != len(degrees):
+      raise UserError(f"class rotations {tuple(degrees)}: expected distinct angles among 90, 180, 270")
+    if not degrees:
+      return self
+    if self.image_shape[0] != self.image_shape[1] and any(d != 180 for d in degrees):
+      raise UserError(f"class rotations {tuple(degrees)}: quarter turns need square images, these are "
+                      f"{self.image_shape[0]}x{self.image_shape[1]}")
+    images = self.images if self.images is not None else np.stack([self[i] for i in range(len(self))])
+    turns = [0] + [d // 90 for d in degrees]
+    suffixes = [""] + [f"/rot{d:03d}" for d in degrees]
+    return ImageSource(
+        labels=np.concatenate([self.labels + k * self.num_classes for k in range(len(turns))]),
+        class_names=[name + suffix for suffix in suffixes for name in self.class_names],
+        class_groups=np.concatenate([self.class_groups + k * self.num_groups for k in range(len(turns))]),
+        group_names=[name + suffix for suffix in suffixes for name in self.group_names],
+        file_ids=[f + (f"#{s[1:]}" if s else "") for s in suffixes for f in self.file_ids],
+        drawers=np.tile(self.drawers, len(turns)),
+        image_shape=self.image_shape,
+        images=np.concatenate([np.rot90(images, k=k, axes=(1, 2)) for k in turns]))
+
   def _view(self, indices: np.ndarray, kept_classes: np.ndarray) -> ImageSource:
     class_map = np.full(self.num_classes, -1, np.int32)
     class_map[kept_classes] = np.arange(len(kept_classes), dtype=np.int32)

@@ -408,14 +408,15 @@ class ImageSource:
       raise UserError(f"class rotations {tuple(degrees)}: quarter turns need square images, these are "
                       f"{self.image_shape[0]}x{self.image_shape[1]}")
     images = self.images if self.images is not None else np.stack([self[i] for i in range(len(self))])
-    turns = [0] + [d // 90 for d in degrees]
-    suffixes = [""] + [f"/rot{d:03d}" for d in degrees]
+    turns = [0] + [d // 90 for d in degrees]  # copy k: its classes and groups offset by k times the count
+    tags = [""] + [f"rot{d:03d}" for d in degrees]
+    tagged = lambda names, mark: [name + (mark + tag if tag else "") for tag in tags for name in names]
     return ImageSource(
         labels=np.concatenate([self.labels + k * self.num_classes for k in range(len(turns))]),
-        class_names=[name + suffix for suffix in suffixes for name in self.class_names],
+        class_names=tagged(self.class_names, "/"),
         class_groups=np.concatenate([self.class_groups + k * self.num_groups for k in range(len(turns))]),
-        group_names=[name + suffix for suffix in suffixes for name in self.group_names],
-        file_ids=[f + (f"#{s[1:]}" if s else "") for s in suffixes for f in self.file_ids],
+        group_names=tagged(self.group_names, "/"),
+        file_ids=tagged(self.file_ids, "#"),
         drawers=np.tile(self.drawers, len(turns)),
         image_shape=self.image_shape,
         images=np.concatenate([np.rot90(images, k=k, axes=(1, 2)) for k in turns]))

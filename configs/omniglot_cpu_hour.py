@@ -21,23 +21,8 @@ ends: its result is then lower (a 2-core machine with AVX2 only ran 2.35 steps/s
 docs/ablations.md, under row 7). Resume it with `--config.train.time_limit_minutes=0` to finish the
 schedule.
 
-The most accurate Lake-split model (docs/ablations.md, rows 10-12 and L4): an ensemble of three variants
-of this recipe, each trained with the time limit off (times on the Intel Xeon above):
-  OMNIGLOT_DIR=... python launch.py --config=configs/omniglot_cpu_hour.py --config.sampling.m_per_class=2 \
-      --config.sampling.classes_per_group=20 --config.train.num_steps=12000 \
-      --config.train.time_limit_minutes=0 --workdir=runs/lake_m2                                   # 52 min
-  OMNIGLOT_DIR=... python launch.py --config=configs/omniglot_cpu_hour.py \
-      --config.data.train_class_rotations='(90, 180, 270)' --config.train.time_limit_minutes=0 \
-      --workdir=runs/lake_rot  # 59 min (run with the 60-min limit on, which it did not reach)
-  OMNIGLOT_DIR=... python launch.py --config=configs/omniglot_cpu_hour.py --config.sampling.m_per_class=2 \
-      --config.sampling.classes_per_group=20 --config.data.train_class_rotations='(90, 180, 270)' \
-      --config.train.num_steps=9000 --config.train.time_limit_minutes=0 --workdir=runs/lake_m2rot   # 34 min
-  python launch.py --mode=ensemble --workdir=runs/lake_ens --members=runs/lake_m2,runs/lake_rot,runs/lake_m2rot
-  python launch.py --mode=eval --workdir=runs/lake_ens
-Expected: validation 92.2 % (members 91.45 / 91.1 / 91.25 %); Lake's 20 runs 96.7 % +- 1.5, 20-way 1-shot
-within alphabet 87.2 % +- 0.6 (86.6 / 87.3 % with episode seeds 1 / 2), unstructured 96.4 % +- 0.3,
-Vinyals test 20-way 1-shot 97.0 % +- 0.2. (An earlier ensemble of this run, a width-96 run and a 60-way
-run validated at 92.0 % and scored 95.0 % +- 2.2 on Lake's runs: docs/ablations.md, L2.)
+The most accurate Lake-split model is an ensemble of three variants of this recipe:
+`configs/omniglot_best.py` (its header has the commands; Lake's runs 96.7 % +- 1.5).
 """
 
 from configs import omniglot

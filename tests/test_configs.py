@@ -45,3 +45,33 @@ def test_config_has_exactly_the_base_fields(name, variant):
 def test_unknown_variant_is_refused(name):
   with pytest.raises(ValueError, match="unknown config variant"):
     importlib.import_module(f"configs.{name}").get_config("nope")
+
+
+def changed(config, base, prefix=""):
+  """The dotted fields whose values differ between two configs of the same fields."""
+  found = set()
+  for key, value in config.items():
+    if hasattr(value, "items"):
+      found |= changed(value, base[key], prefix + key + ".")
+    elif value != base[key]:
+      found.add(prefix + key)
+  return found
+
+
+@pytest.mark.parametrize("variant, expected", [
+    ("batches120", {"sampling.m_per_class": 2, "sampling.classes_per_group": 20, "train.num_steps": 12000}),
+    ("rotations", {"data.train_class_rotations": (90, 180, 270)}),
+    ("both", {"sampling.m_per_class": 2, "sampling.classes_per_group": 20,
+              "data.train_class_rotations": (90, 180, 270), "train.num_steps": 9000}),
+])
+def test_best_variants_change_only_their_fields(variant, expected):
+  # The three members of the best result (docs/ablations.md, L4) are the CPU-hour recipe plus these
+  # fields and the time limit off; anything else changed would not be the ensemble that was measured.
+  from configs import omniglot_best, omniglot_cpu_hour
+  config, base = omniglot_best.get_config(variant), omniglot_cpu_hour.get_config()
+  expected = {**expected, "train.time_limit_minutes": 0.0}
+  assert changed(config, base) == set(expected)
+  for field, value in expected.items():
+    section, name = field.split(".")
+    assert config[section][name] == value
+  assert omniglot_best.get_config(None) == omniglot_best.get_config("batches120")

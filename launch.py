@@ -19,6 +19,7 @@ On a trained workdir (its config.json and checkpoints; --checkpoint=best|latest|
 
 import difflib
 import os
+import pathlib
 import re
 import sys
 
@@ -172,6 +173,10 @@ def parse_flags(argv: list[str]) -> list[str]:
   ml_collections lets that surface as a bare KeyError/AttributeError traceback from inside flag
   parsing (exit 1); here it becomes `error: <flag>: <what is wrong, what exists>` and exit 2.
   """
+  message = config_file_message(config_argument_of(argv))
+  if message is not None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
   try:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError):
@@ -182,16 +187,46 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
-def unknown_override_message(argv: list[str]) -> str | None:
-  """Names the first --config.<path> override whose path is not in the config, and the valid fields.
-
-  None when the config cannot be loaded again or every override names an existing field.
-  """
+def config_argument_of(argv: list[str]) -> str | None:
+  """The value of the last --config flag (`path` or `path:arg`), None when there is none."""
   config_argument = None
   for i, arg in enumerate(argv):
     match = re.match(r"^--?config(?:=(.*))?$", arg)
     if match:
       config_argument = match.group(1) if match.group(1) is not None else next(iter(argv[i + 1:]), None)
+  return config_argument
+
+
+def config_file_message(config_argument: str | None) -> str | None:
+  """Why --config=<path>[:<arg>] cannot be loaded: a missing file, or a ValueError from its get_config.
+
+  ml_collections reports the first as a deferred OSError traceback from deep inside training, the second
+  as a traceback in absl's usage text; None when the config loads (or fails in another way: left to them).
+  """
+  if not config_argument:
+    return None
+  path = config_argument.split(":", 1)[0]
+  if not os.path.isfile(path):
+    configs = pathlib.Path(__file__).resolve().parent / "configs"
+    shipped = ", ".join(sorted(f"configs/{p.name}" for p in configs.glob("*.py") if p.name != "__init__.py"))
+    return f"--config={config_argument}: no config file {path!r}" + (f" (configs shipped: {shipped})" if shipped else "")
+  try:
+    flags.FLAGS["config"].parser.parse(config_argument)
+  except Exception as error:  # noqa: BLE001 -- the cause is what the user needs to read
+    cause = error
+    while cause.__cause__ is not None or cause.__context__ is not None:
+      cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, ValueError):
+      return f"--config={config_argument}: {cause}"
+  return None
+
+
+def unknown_override_message(argv: list[str]) -> str | None:
+  """Names the first --config.<path> override whose path is not in the config, and the valid fields.
+
+  None when the config cannot be loaded again or every override names an existing field.
+  """
+  config_argument = config_argument_of(argv)
   try:
     config = flags.FLAGS["config"].parser.parse(config_argument)
   except Exception:  # noqa: BLE001 -- only used to improve the message; else the original error stands

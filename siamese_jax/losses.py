@@ -27,7 +27,7 @@ Metrics = dict[str, jax.Array]
 LossFn = Callable[..., tuple[jax.Array, Metrics]]
 PairLogitsFn = Callable[[jax.Array, jax.Array], jax.Array]
 
-DISTANCES = ("squared_euclidean", "cosine")
+DISTANCES = ("euclidean", "squared_euclidean", "cosine")
 MINING = ("none", "batch_all", "batch_hard", "semi_hard")
 
 # Rows per batch element `k` for each batch kind of Contract 2.
@@ -62,6 +62,8 @@ def _l2_normalize(x: jax.Array) -> jax.Array:
 
 def _row_distance(a: jax.Array, b: jax.Array, distance: str) -> jax.Array:
   """Distance between matching rows of a and b [N, D] -> [N]; computed directly, no Gram cancellation."""
+  if distance == "euclidean":
+    return _safe_sqrt(jnp.sum(jnp.square(a - b), axis=-1))
   if distance == "squared_euclidean":
     return jnp.sum(jnp.square(a - b), axis=-1)
   return 1.0 - jnp.sum(_l2_normalize(a) * _l2_normalize(b), axis=-1)
@@ -70,6 +72,8 @@ def _row_distance(a: jax.Array, b: jax.Array, distance: str) -> jax.Array:
 def _pairwise_distances(embeddings: jax.Array, distance: str) -> jax.Array:
   """All pairwise distances [N, D] -> [N, N] through one matmul (N^2 D, not the N^2 D memory of diffs)."""
   eye = jnp.eye(embeddings.shape[0], dtype=bool)
+  if distance == "euclidean":  # sqrt after the diagonal is zeroed: its rounding residue has no gradient
+    return _safe_sqrt(_pairwise_distances(embeddings, "squared_euclidean"))
   if distance == "squared_euclidean":
     squared_norms = jnp.sum(jnp.square(embeddings), axis=-1)
     gram = jnp.matmul(embeddings, embeddings.T, precision=_PRECISION)
@@ -248,7 +252,11 @@ def triplet(embeddings: jax.Array, labels: jax.Array, *, pair_logits_fn: PairLog
             ) -> tuple[jax.Array, Metrics]:
   """Triplet loss max(0, margin + d(a, p) - d(a, n)) with the chosen mining.
 
-  distance: "squared_euclidean" (FaceNet) or "cosine" (1 - cosine similarity).
+  distance: "euclidean" (Hermans et al. 2017), "squared_euclidean" (FaceNet) or "cosine" (1 - cosine
+    similarity). The squared distance's gradient, 2 (a - p), vanishes as embeddings draw together; the
+    plain distance's is a unit vector at any scale. That alone did not stop batch-hard mining from
+    collapsing every embedding onto one point on Omniglot from initialisation; semi-hard mining did
+    (configs/omniglot_triplet.py).
   mining:
     "none"        explicit triplet batches (k = 3: anchor, positive, negative); mean over triplets.
     "batch_all"   all valid in-batch triplets; mean over the active ones (hinge > 0).

@@ -164,6 +164,20 @@ def test_unknown_config_key_on_command_line(tmp_path):
   assert "configs/omniglot.py:smoke" in line and "num_steps" in line  # the file, and the valid fields
 
 
+def test_missing_config_file_is_named(tmp_path):
+  result = run_launch(["--config=configs/omniglot_tripplet.py"], tmp_path)
+  line = assert_user_error_exit(result)
+  assert line.startswith("error: --config=configs/omniglot_tripplet.py: no config file 'configs/omniglot_tripplet.py'")
+  assert "configs/omniglot_triplet.py" in line  # the shipped configs, to pick from
+
+
+def test_unknown_config_variant_is_named(tmp_path):
+  result = run_launch(["--config=configs/omniglot_best.py:rotation"], tmp_path)
+  line = assert_user_error_exit(result)
+  assert line == ("error: --config=configs/omniglot_best.py:rotation: unknown config variant 'rotation' "
+                  "(known: batches120, rotations, both, smoke)")
+
+
 def test_misspelled_sub_config_field_on_command_line(tmp_path):
   result = run_launch(["--config=configs/omniglot.py:smoke", "--config.model.widht=32"], tmp_path)
   line = assert_user_error_exit(result)

@@ -281,9 +281,11 @@ def test_explicit_triplets_equal_their_per_triplet_formula_and_need_k3():
 # Brute-force references (loops over triplets) on random batches with uneven classes.
 
 
-def reference_triplet(points: np.ndarray, labels: np.ndarray, margin: float, mining: str):
+def reference_triplet(points: np.ndarray, labels: np.ndarray, margin: float, mining: str,
+                      distance: str = "squared_euclidean"):
   n = len(labels)
   d = ((points[:, None] - points[None]) ** 2).sum(-1)
+  d = np.sqrt(d) if distance == "euclidean" else d
   hinges = []
   for a in range(n):
     positives = [p for p in range(n) if p != a and labels[p] == labels[a]]
@@ -305,14 +307,44 @@ def reference_triplet(points: np.ndarray, labels: np.ndarray, margin: float, min
   return hinges.mean()
 
 
-@pytest.mark.parametrize("mining", IN_BATCH)
-def test_mining_matches_brute_force(mining):
+@pytest.mark.parametrize("mining,distance", itertools.product(IN_BATCH, ("squared_euclidean", "euclidean")))
+def test_mining_matches_brute_force(mining, distance):
   rng = np.random.default_rng(2)
   points = rng.normal(size=(11, 3)).astype(np.float32)
   labels = np.asarray([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 4], np.int32)
-  loss, _ = run("triplet", jnp.asarray(points)[:, None], jnp.asarray(labels)[:, None], margin=1.5,
-                mining=mining)
-  assert loss == pytest.approx(reference_triplet(points.astype(np.float64), labels, 1.5, mining), rel=1e-5)
+  margin = 1.5 if distance == "squared_euclidean" else 0.5  # the same order as the distances' spread
+  loss, _ = run("triplet", jnp.asarray(points)[:, None], jnp.asarray(labels)[:, None], margin=margin,
+                mining=mining, distance=distance)
+  reference = reference_triplet(points.astype(np.float64), labels, margin, mining, distance)
+  assert reference > 0.1  # the batch has active triplets, so the comparison tests the hinges
+  assert loss == pytest.approx(reference, rel=1e-5)
+
+
+def test_euclidean_by_hand():
+  # a=(0,0), p=(3,4): 5; n=(0,2): 2 -> hinge 0.2 + 5 - 2 = 3.2 (squared would give 0.2 + 25 - 4 = 21.2).
+  embeddings = jnp.asarray([[[0, 0], [3, 4], [0, 2]]], jnp.float32)
+  labels = jnp.asarray([[0, 0, 1]], jnp.int32)
+  loss, metrics = run("triplet", embeddings, labels, distance="euclidean", mining="none")
+  assert loss == pytest.approx(3.2, rel=1e-6)
+  assert metrics["mean_positive_distance"] == pytest.approx(5.0, rel=1e-6)
+
+
+def test_gradient_near_a_collapse_vanishes_for_the_squared_distance_only():
+  """Every embedding within 1e-3 of one point (what batch-hard with the squared distance fell into on
+  Omniglot): the squared distance's gradient is ~2 * 1e-3 per row, so it cannot pull the points apart;
+  the plain distance's is a unit vector per active triplet, whatever the scale."""
+  rng = np.random.default_rng(0)
+  center = rng.normal(size=(1, 8))
+  points = jnp.asarray(center + 1e-3 * rng.normal(size=(12, 8)), jnp.float32)[:, None]
+  labels = jnp.asarray(np.repeat(np.arange(4), 3), jnp.int32)[:, None]
+
+  def gradient_norm(distance):
+    loss_fn = functools.partial(losses.triplet, distance=distance, mining="batch_hard")
+    grad = jax.jit(jax.grad(lambda e: loss_fn(e, labels)[0]))(points)
+    return float(jnp.linalg.norm(grad))
+
+  assert gradient_norm("squared_euclidean") < 0.01
+  assert gradient_norm("euclidean") > 0.3
 
 
 # ------------------------------------------------------------------------------------------------

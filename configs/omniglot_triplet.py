@@ -6,9 +6,13 @@ distance, below 0.02 and falling by step 300 with the plain one), as Schroff et 
 hardest negatives early in training; semi-hard mining separates the classes from the start
 (docs/ablations.md, "Triplet config").
 
-Command:
+Commands:
   OMNIGLOT_DIR=../shared/data/omniglot python launch.py --config=configs/omniglot_triplet.py --workdir=runs/triplet
-Expected: not yet measured (see the README's results table).
+  python launch.py --mode=eval --workdir=runs/triplet      # the README's table (best checkpoint)
+Expected (2 CPU cores, Intel Xeon with AVX-512, measured once): 16.2 min of training; best validation
+88.6 % at step 3500 (the main job's recipe with the prototype loss: 84.9 %); eval mode there: Lake's 20
+runs 92.0 % +- 2.5, 20-way 1-shot within alphabet 81.4 % +- 0.7, unstructured 93.9 % +- 0.3, Vinyals
+test 20-way 1-shot 93.8 % +- 0.3.
 """
 
 from configs import omniglot

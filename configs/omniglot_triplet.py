@@ -9,17 +9,22 @@ hardest negatives early in training; semi-hard mining separates the classes from
 Commands:
   OMNIGLOT_DIR=../shared/data/omniglot python launch.py --config=configs/omniglot_triplet.py --workdir=runs/triplet
   python launch.py --mode=eval --workdir=runs/triplet      # the README's table (best checkpoint)
+  OMNIGLOT_DIR=../shared/data/omniglot python launch.py --config=configs/omniglot_triplet.py:cpu_hour --workdir=runs/triplet_cpu_hour
+      # the same loss and head on configs/omniglot_cpu_hour.py's recipe (docs/ablations.md, T3)
 Expected (2 CPU cores, Intel Xeon with AVX-512, measured once): 16.2 min of training; best validation
 88.6 % at step 3500 (the main job's recipe with the prototype loss: 84.9 %); eval mode there: Lake's 20
 runs 92.0 % +- 2.5, 20-way 1-shot within alphabet 81.4 % +- 0.7, unstructured 93.9 % +- 0.3, Vinyals
 test 20-way 1-shot 93.8 % +- 0.3.
 """
 
-from configs import omniglot
+from configs import omniglot, omniglot_cpu_hour
 
 
 def get_config(arg: str | None = None):
-  config = omniglot.get_config(arg)
+  """`arg`: None (the main job's recipe), `cpu_hour` (configs/omniglot_cpu_hour.py's) or `smoke`."""
+  if arg not in (None, "cpu_hour", "smoke"):
+    raise ValueError(f"unknown config variant '{arg}' (known: cpu_hour, smoke)")
+  config = omniglot_cpu_hour.get_config() if arg == "cpu_hour" else omniglot.get_config(arg)
   config.loss.name = "triplet"
   config.loss.margin = 0.2  # in squared Euclidean units of L2-normalised embeddings (range 0..4)
   config.loss.distance = "squared_euclidean"  # euclidean | squared_euclidean | cosine

@@ -75,3 +75,16 @@ def test_best_variants_change_only_their_fields(variant, expected):
     section, name = field.split(".")
     assert config[section][name] == value
   assert omniglot_best.get_config(None) == omniglot_best.get_config("batches120")
+
+
+def test_triplet_cpu_hour_is_the_cpu_hour_recipe_with_the_triplet_loss_and_head():
+  # docs/ablations.md, T3: what was measured is exactly these two configs put together.
+  from configs import omniglot_cpu_hour, omniglot_triplet
+  config, recipe, triplet = (omniglot_triplet.get_config("cpu_hour"), omniglot_cpu_hour.get_config(),
+                             omniglot_triplet.get_config())
+  rest = lambda c: {k: v for k, v in c.to_dict().items() if k not in ("loss", "model")}
+  assert rest(config) == rest(recipe) and rest(config) != rest(triplet)
+  assert config.loss.to_dict() == triplet.loss.to_dict() and config.loss.name == "triplet"
+  assert config.model.to_dict() == triplet.model.to_dict()
+  head = {"embedding_dim": 128, "l2_normalize": True}
+  assert config.model.to_dict() == {**recipe.model.to_dict(), **head} != recipe.model.to_dict()

@@ -21,6 +21,9 @@ ends: its result is then lower (a 2-core machine with AVX2 only ran 2.35 steps/s
 docs/ablations.md, under row 7). Resume it with `--config.train.time_limit_minutes=0` to finish the
 schedule.
 
+The same recipe with the triplet loss, `configs/omniglot_triplet.py:cpu_hour` (docs/ablations.md, T3),
+validated higher (91.6 %) and scored Lake's runs 95.5 % +- 2.0 in one run; this prototype-loss config
+stays the measured-twice CPU-hour default.
 The most accurate Lake-split model is an ensemble of three variants of this recipe:
 `configs/omniglot_best.py` (its header has the commands; Lake's runs 96.7 % +- 1.5).
 """

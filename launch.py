@@ -197,6 +197,15 @@ def config_argument_of(argv: list[str]) -> str | None:
   return config_argument
 
 
+def load_config(config_argument: str | None) -> tuple[ml_collections.ConfigDict | None, Exception | None]:
+  """The config that --config=<path>[:<arg>] names, loaded as absl would, or the error that stopped it."""
+  try:
+    config = flags.FLAGS["config"].parser.parse(config_argument)
+  except Exception as error:  # noqa: BLE001 -- callers only use it to word a clearer message
+    return None, error
+  return (config if isinstance(config, ml_collections.ConfigDict) else None), None
+
+
 def config_file_message(config_argument: str | None) -> str | None:
   """Why --config=<path>[:<arg>] cannot be loaded: a missing file, or a ValueError from its get_config.
 
@@ -210,14 +219,11 @@ def config_file_message(config_argument: str | None) -> str | None:
     configs = pathlib.Path(__file__).resolve().parent / "configs"
     shipped = ", ".join(sorted(f"configs/{p.name}" for p in configs.glob("*.py") if p.name != "__init__.py"))
     return f"--config={config_argument}: no config file {path!r}" + (f" (configs shipped: {shipped})" if shipped else "")
-  try:
-    flags.FLAGS["config"].parser.parse(config_argument)
-  except Exception as error:  # noqa: BLE001 -- the cause is what the user needs to read
-    cause = error
-    while cause.__cause__ is not None or cause.__context__ is not None:
-      cause = cause.__cause__ or cause.__context__
-    if isinstance(cause, ValueError):
-      return f"--config={config_argument}: {cause}"
+  _, cause = load_config(config_argument)
+  while cause is not None and (cause.__cause__ is not None or cause.__context__ is not None):
+    cause = cause.__cause__ or cause.__context__  # the get_config error under ml_collections' wrapping
+  if isinstance(cause, ValueError):
+    return f"--config={config_argument}: {cause}"
   return None
 
 
@@ -227,11 +233,8 @@ def unknown_override_message(argv: list[str]) -> str | None:
   None when the config cannot be loaded again or every override names an existing field.
   """
   config_argument = config_argument_of(argv)
-  try:
-    config = flags.FLAGS["config"].parser.parse(config_argument)
-  except Exception:  # noqa: BLE001 -- only used to improve the message; else the original error stands
-    return None
-  if not isinstance(config, ml_collections.ConfigDict):
+  config, _ = load_config(config_argument)
+  if config is None:  # not loadable or not a ConfigDict: the original error stands
     return None
   overrides = [m.group(1) for m in (re.match(r"^--?(?:no)?config\.([^=]+)", a) for a in argv) if m]
   for path in overrides:

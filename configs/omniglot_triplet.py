@@ -17,6 +17,10 @@ runs 92.0 % +- 2.5, 20-way 1-shot within alphabet 81.4 % +- 0.7, unstructured 93
 test 20-way 1-shot 93.8 % +- 0.3. `:cpu_hour` (measured once, same machine): its 60-minute limit stopped
 it at step 13,388 of 15,000; best validation 91.6 % at step 13000; eval mode there: Lake's 20 runs 95.5 %
 +- 2.0, within alphabet 85.9 % +- 0.6, unstructured 95.9 % +- 0.3, Vinyals test 95.9 % +- 0.3.
+Rerun on a fresh machine (docs/ablations.md, "T3 rerun"): the same validation at every checkpoint; that
+slower host (3.4-3.5 steps/s) was stopped by the limit at step 12,691 (best: step 8000, 91.55 %), so on
+such a machine resume with `--config.train.time_limit_minutes=0` to pass step 13000; then eval mode gave
+the numbers above digit for digit.
 """
 
 from configs import omniglot, omniglot_cpu_hour

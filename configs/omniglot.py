@@ -17,7 +17,7 @@ from siamese_jax import augment, models, optim
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.seed = 0  # one seed for initialisation, batches, augmentation and evaluation episodes
+  config.seed = 0  # one seed for initialisation, batches, augmentation, episodes (and splits: data.split_seed)
 
   config.data = ml_collections.ConfigDict()
   config.data.source = "omniglot"  # omniglot | folder | tfds | synthetic (fake, for tests)
@@ -32,6 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.num_validation_alphabets = 5  # with validation=alphabets
   config.data.validation_drawers = (13, 14, 15, 16, 17, 18, 19, 20)  # with validation=drawers
   config.data.train_class_rotations = ()  # e.g. (90, 180, 270): each turn of a train class is one more class
+  config.data.split_seed = -1  # draws held-out classes and validation episodes; -1 = config.seed
   config.data.num_workers = 0  # Grain worker processes building batches (0 = in the training process)
   # folder / tfds sources only:
   config.data.path = ""  # folder root (one sub-folder per class, or group/class)

@@ -123,12 +123,13 @@ def make_ensemble(workdir: str | pathlib.Path, members: Sequence[str | pathlib.P
             "scales_from": f"{source_name} split of the first member ({len(source)} images)"}
   summary = {"written": str(workdir / FILENAME), "members": {}}
   if splits.validation is not None:
+    validation_seed = pipeline.split_seed(config.data, config.seed)  # the members' training validation
     combined = np.concatenate([e * s for e, s in zip(embeddings, scales)], axis=-1)
     for member, model, member_embeddings in zip(member_dirs, models, embeddings):
       summary["members"][str(member)] = {"step": model.step, "validation_accuracy": evaluate.validation_accuracy(
-          member_embeddings, splits.validation, config.eval, config.seed)}
+          member_embeddings, splits.validation, config.eval, validation_seed)}
     summary["validation_accuracy"] = evaluate.validation_accuracy(combined, splits.validation, config.eval,
-                                                                  config.seed)
+                                                                  validation_seed)
     record["validation_accuracy"] = summary["validation_accuracy"]
   workdir.mkdir(parents=True, exist_ok=True)
   evaluate.write_json(workdir / FILENAME, record)

@@ -295,7 +295,8 @@ def _train_and_evaluate(config, workdir: pathlib.Path, built: Setup) -> dict:
       if train_config.eval_every and (step % train_config.eval_every == 0 or is_last) and \
           built.splits.validation is not None:
         validation = validation_accuracy(embed_fn, parallel.local_copy(parallel.get_state(device_state)),
-                                         built.splits.validation, config.eval, seed=config.seed)
+                                         built.splits.validation, config.eval,
+                                         seed=pipeline.split_seed(config.data, config.seed))
         if jax.process_count() > 1:  # process 0's number decides for all: they must stop at the same step
           validation = float(multihost_utils.broadcast_one_to_all(np.float32(validation)))
         writer.write(step, {"accuracy": validation}, prefix="validation")

@@ -186,6 +186,20 @@ def test_synthetic_splits_are_disjoint_and_seeded():
   assert other.test.class_names != splits.test.class_names
 
 
+
+def test_split_seed_fixes_the_held_out_classes_across_run_seeds():
+  config = small_config(source="synthetic", synthetic_classes=20, test_fraction=0.2,
+                        validation_fraction=0.2)
+  by_run_seed = [pipeline.load_splits(config.data, seed=seed) for seed in (0, 1)]
+  assert by_run_seed[0].validation.class_names != by_run_seed[1].validation.class_names
+  config.data.split_seed = 0  # a second run seed, judged on the first one's classes
+  assert pipeline.split_seed(config.data, 1) == 0
+  fixed = pipeline.load_splits(config.data, seed=1)
+  for split in ("train", "validation", "test"):
+    assert getattr(fixed, split).class_names == getattr(by_run_seed[0], split).class_names
+  config.data.split_seed = -1  # the default: the run's seed draws them
+  assert pipeline.split_seed(config.data, 1) == 1
+
 def test_no_validation_when_fraction_is_zero():
   config = small_config(source="synthetic", synthetic_classes=10, validation_fraction=0.0)
   splits = pipeline.load_splits(config.data, seed=0)

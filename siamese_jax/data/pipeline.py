@@ -101,12 +101,22 @@ class Splits:
   vinyals_test: Any = None  # Omniglot only: Vinyals et al.'s 1,692 rotated test classes (None if no split files)
 
 
+def split_seed(data_config, seed: int) -> int:
+  """The seed that draws the held-out classes and validation episodes: `data.split_seed`, or the run's.
+
+  Setting it lets a seed sweep vary initialisation and batches only, judged on the same validation.
+  """
+  chosen = data_config.get("split_seed", -1)  # absent from configs written before it
+  return seed if chosen < 0 else int(chosen)
+
+
 def load_splits(data_config, seed: int) -> Splits:
   """The splits of `_source_splits`, with `data.train_class_rotations` applied to the train classes.
 
   Each rotation turns every train class into one more class (`ImageSource.with_rotated_classes`);
-  validation and test classes stay as they are.
+  validation and test classes stay as they are. `seed` is the run's seed (`split_seed` may override it).
   """
+  seed = split_seed(data_config, seed)
   rotations = tuple(data_config.get("train_class_rotations", ()))  # absent from configs written before it
   if rotations and data_config.source == "omniglot" and data_config.get("omniglot_split") == "vinyals":
     raise UserError(f"data.train_class_rotations={rotations} with data.omniglot_split='vinyals': that "

@@ -142,6 +142,22 @@ def _max_pool_2(x: jax.Array) -> jax.Array:
   return jnp.max(x.reshape(batch, height, 2, width, 2, channels), axis=(2, 4))
 
 
+class PairHead(nnx.Module):
+  """Koch et al.'s pair head, shared by every model that has one (`head` is None where it has not).
+
+  One dense unit on |e1 - e2| (a learned weighted L1 distance), returned as a logit: positive means
+  "same class" (the `koch_bce` loss applies the sigmoid).
+  """
+
+  def pair_logits(self, embeddings1: jax.Array, embeddings2: jax.Array) -> jax.Array:
+    """[B, D], [B, D] -> [B] logits that the two images show the same class."""
+    return self.head(jnp.abs(embeddings1 - embeddings2))[..., 0]
+
+
+def _pair_head(config: ml_collections.ConfigDict, embedding_dim: int, rngs: nnx.Rngs) -> nnx.Linear | None:
+  return nnx.Linear(embedding_dim, 1, rngs=rngs) if config.get("pair_head", False) else None
+
+
 def _require_int(name: str, value: Any, minimum: int) -> int:
   if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
     raise UserError(f"model.{name}: expected an integer >= {minimum}, got {value!r}")
@@ -152,11 +168,10 @@ def _require_int(name: str, value: Any, minimum: int) -> int:
 # koch: Koch, Zemel & Salakhutdinov (2015), "Siamese Neural Networks for One-shot Image Recognition"
 
 
-class KochNet(nnx.Module):
+class KochNet(PairHead):
   """The Koch et al. convolutional twin: VALID convs with ReLU, max-pools, a sigmoid dense layer.
 
-  `pair_logits` is the paper's head: one dense unit on |e1 - e2| (a learned weighted L1 distance),
-  returned as a logit (the loss applies the sigmoid).
+  Always with the paper's pair head (`PairHead.pair_logits`).
   """
 
   # (output channels, kernel size, max-pool after) of each conv layer, from the paper's Figure 4.
@@ -196,7 +211,7 @@ class KochNet(nnx.Module):
       in_channels = out_channels
     self.convs = nnx.List(convs)
     self.dense = nnx.Linear(out_height * out_width * in_channels, config.embedding_dim, rngs=rngs)
-    self.head = nnx.Linear(config.embedding_dim, 1, rngs=rngs)
+    self.head = nnx.Linear(config.embedding_dim, 1, rngs=rngs)  # the paper's: always there
 
   def __call__(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     x = augment.to_float(images)
@@ -207,16 +222,12 @@ class KochNet(nnx.Module):
     x = x.reshape((x.shape[0], -1))
     return _finish(nnx.sigmoid(self.dense(x)), self.l2_normalize)
 
-  def pair_logits(self, embeddings1: jax.Array, embeddings2: jax.Array) -> jax.Array:
-    """[B, D], [B, D] -> [B] logits that the two images show the same class."""
-    return self.head(jnp.abs(embeddings1 - embeddings2))[..., 0]
-
 
 # ----------------------------------------------------------------------------------------------------
 # conv4: the Prototypical Networks backbone (Snell et al. 2017; Vinyals et al. 2016)
 
 
-class Conv4(nnx.Module):
+class Conv4(PairHead):
   """4 x [conv 3x3 SAME, BatchNorm, ReLU, max-pool 2], flattened (64 features at 28x28)."""
 
   @staticmethod
@@ -227,6 +238,7 @@ class Conv4(nnx.Module):
     config.embedding_dim = 0  # 0 = the flattened conv features are the embedding; > 0 adds a linear layer
     config.l2_normalize = False  # scale embeddings to unit length
     config.batch_norm_momentum = 0.9  # running-statistics decay (PyTorch's momentum 0.1, as in ProtoNet)
+    config.pair_head = False  # add Koch et al.'s weighted-L1 pair head (needed by loss koch_bce)
     return config
 
   def __init__(self, config: ml_collections.ConfigDict, *, image_shape: tuple[int, int, int], rngs: nnx.Rngs):
@@ -252,6 +264,7 @@ class Conv4(nnx.Module):
     self.projection = (
       nnx.Linear(self.features, config.embedding_dim, rngs=rngs) if config.embedding_dim > 0 else None
     )
+    self.head = _pair_head(config, config.embedding_dim or self.features, rngs)
 
   def __call__(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     x = augment.to_float(images)
@@ -291,7 +304,7 @@ class BasicBlock(nnx.Module):
     return nnx.relu(residual + shortcut)
 
 
-class ResNet(nnx.Module):
+class ResNet(PairHead):
   """Stem conv, len(widths) stages of basic blocks (stride 2 between stages), global average pool, linear."""
 
   @staticmethod
@@ -303,6 +316,7 @@ class ResNet(nnx.Module):
     config.embedding_dim = 128  # size of the final linear layer, the embedding
     config.l2_normalize = True  # scale embeddings to unit length (usual for triplet/contrastive losses)
     config.batch_norm_momentum = 0.9  # running-statistics decay
+    config.pair_head = False  # add Koch et al.'s weighted-L1 pair head (needed by loss koch_bce)
     return config
 
   def __init__(self, config: ml_collections.ConfigDict, *, image_shape: tuple[int, int, int], rngs: nnx.Rngs):
@@ -327,6 +341,7 @@ class ResNet(nnx.Module):
         in_channels = stage_width
     self.blocks = nnx.List(blocks)
     self.projection = nnx.Linear(in_channels, embedding_dim, rngs=rngs)
+    self.head = _pair_head(config, embedding_dim, rngs)
 
   def __call__(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     x = augment.to_float(images)
@@ -397,7 +412,7 @@ def make_pair_score_fn(pair_logits_fn: Callable, variables: Any) -> Callable[[ja
 
 def has_pair_head(model: nnx.Module) -> bool:
   """True for models with a learned pair head (Koch's weighted L1), used by the `koch_bce` loss."""
-  return callable(getattr(model, "pair_logits", None))
+  return isinstance(model, PairHead) and model.head is not None
 
 
 def parameter_count(model: nnx.Module) -> int:
@@ -439,15 +454,13 @@ def make_embed_fn(graphdef: nnx.GraphDef, tta_shift_px: int = 0) -> Callable[[An
 
 
 def make_pair_logits_fn(graphdef: nnx.GraphDef) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
-  """`pair_logits_fn(variables, e1 [B, D], e2 [B, D]) -> [B]` for models with a pair head (koch)."""
+  """`pair_logits_fn(variables, e1 [B, D], e2 [B, D]) -> [B]` for models with a pair head."""
 
   def pair_logits_fn(variables: Any, embeddings1: jax.Array, embeddings2: jax.Array) -> jax.Array:
     model = _merge_eval(graphdef, variables)
     if not has_pair_head(model):
-      raise UserError(
-        f"model {type(model).__name__} has no pair head; pair logits need model.name='koch' "
-        f"(models with one: {sorted(n for n, cls in MODELS.items() if hasattr(cls, 'pair_logits'))})"
-      )
+      raise UserError(f"model {type(model).__name__} has no pair head; pair logits need model.name='koch' "
+                      "or model.pair_head=True")
     return model.pair_logits(embeddings1, embeddings2)
 
   return pair_logits_fn
@@ -460,6 +473,7 @@ __all__ = [
   "BatchNorm",
   "Conv4",
   "KochNet",
+  "PairHead",
   "ResNet",
   "create",
   "default_config",

@@ -68,8 +68,8 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTr
     # Every device computes the loss of the global batch; dividing by the device count makes the psum of
     # the per-device gradients below (all_gather transposes to a sum) equal the one-device gradient.
     all_embeddings = jax.lax.all_gather(embeddings, AXIS, tiled=True)
-    loss, metrics = loss_fn(all_embeddings, labels, pair_logits_fn=getattr(model, "pair_logits", None),
-                            **loss_options)
+    pair_logits_fn = model.pair_logits if models.has_pair_head(model) else None
+    loss, metrics = loss_fn(all_embeddings, labels, pair_logits_fn=pair_logits_fn, **loss_options)
     _, _, new_model_state = nnx.split(model, nnx.Param, ...)
     return loss / num_devices, (loss, metrics, new_model_state)
 
@@ -134,8 +134,8 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   model = models.create(config.model, image_shape=train_source.image_shape, rngs=nnx.Rngs(config.seed))
   if config.loss.name == "koch_bce" and not models.has_pair_head(model):
     raise UserError(f"loss.name='koch_bce' scores pairs with Koch's weighted-L1 head, which "
-                    f"model.name='{config.model.name}' lacks; use model.name='koch' or a pair loss such as "
-                    "'contrastive'.")
+                    f"model.name='{config.model.name}' lacks; set model.pair_head=True, use model.name='koch', "
+                    "or a pair loss such as 'contrastive'.")
   graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
   steps_per_epoch = config.train.steps_per_epoch
   optim_config = config.optim.copy_and_resolve_references()

@@ -133,9 +133,9 @@ def test_unknown_field_lists_the_valid_ones():
 def test_default_configs_carry_the_documented_fields():
   assert set(models.default_config("koch")) == {"name", "embedding_dim", "l2_normalize"}
   assert set(models.default_config("conv4")) == {"name", "width", "embedding_dim", "l2_normalize",
-                                                 "batch_norm_momentum"}
+                                                 "batch_norm_momentum", "pair_head"}
   assert set(models.default_config("resnet")) == {"name", "widths", "blocks_per_stage", "embedding_dim",
-                                                  "l2_normalize", "batch_norm_momentum"}
+                                                  "l2_normalize", "batch_norm_momentum", "pair_head"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -269,12 +269,17 @@ def test_embed_fn_ignores_batch_composition():
   np.testing.assert_allclose(embed_fn(state, images)[:2], embed_fn(state, images[:2]), rtol=1e-5, atol=1e-6)
 
 
-def test_koch_pair_logits_are_a_weighted_l1_distance():
-  model, image_shape = tiny("koch")
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_pair_logits_are_a_weighted_l1_distance(name):
+  # koch always has the head; conv4 and resnet get it with model.pair_head=True.
+  config, _ = TINY[name]
+  model = make(config if name == "koch" else dict(config, pair_head=True), TINY[name][1])
   assert models.has_pair_head(model)
   graphdef, state = nnx.split(model)
   rng = np.random.default_rng(0)
-  e1, e2 = rng.random((3, 8), np.float32), rng.random((3, 8), np.float32)
+  embeddings, _ = forward(model, augment.to_float(random_images((6,) + TINY[name][1])))
+  dim = embeddings.shape[-1]  # the head reads the model's own embedding
+  e1, e2 = rng.random((3, dim), np.float32), rng.random((3, dim), np.float32)
   logits = jax.jit(models.make_pair_logits_fn(graphdef))(state, e1, e2)
   weights = np.asarray(model.head.kernel[...])[:, 0]
   bias = float(model.head.bias[...][0])
@@ -286,7 +291,7 @@ def test_pair_logits_fn_needs_a_pair_head():
   model, image_shape = tiny("conv4")
   assert not models.has_pair_head(model)
   graphdef, state = nnx.split(model)
-  with pytest.raises(UserError, match="no pair head.*koch"):
+  with pytest.raises(UserError, match="no pair head.*koch.*pair_head=True"):
     models.make_pair_logits_fn(graphdef)(state, np.zeros((1, 64)), np.zeros((1, 64)))
 
 

@@ -34,6 +34,7 @@ def synthetic_config(loss: str, kind: str, **loss_options):
   config.sampling.m_per_class = 4
   config.model.width = 8
   config.loss.name = loss
+  config.model.pair_head = loss == "koch_bce"  # Koch's loss scores pairs with the model's head
   # SGD, not Adam: Adam divides by sqrt(v), which turns float-rounding differences in near-zero
   # gradients into full-size steps, hiding what this test checks (the data-parallel arithmetic).
   config.optim.name = "sgd"
@@ -51,6 +52,8 @@ CASES = {
     # In-batch mining over the global batch, not per device.
     "triplet_batch_hard": ("triplet", "m_per_class", {"margin": 0.2, "mining": "batch_hard"}),
     "contrastive_pairs": ("contrastive", "pairs", {"margin": 1.0}),
+    # The pair head's weights are replicated like the rest, and its gradient summed the same way.
+    "koch_bce_pair_head": ("koch_bce", "pairs", {}),
 }
 
 

@@ -319,17 +319,18 @@ def vinyals_report(embeddings: np.ndarray, source, *, ways: Sequence[int], shots
                          pair_score_fn=pair_score_fn)["unstructured"]
 
 
-def validation_accuracy(embeddings: np.ndarray, source, eval_config, seed: int) -> float:
+def validation_accuracy(embeddings: np.ndarray, source, eval_config, seed: int,
+                        pair_score_fn: PairScoreFn | None = None) -> float:
   """Mean N-way 1-shot accuracy over fixed episodes of the validation classes `source` (their
   `embeddings`): what training selects checkpoints by. N = eval.validation_ways (at most the classes
   available), eval.validation_episodes episodes seeded by `seed`, within one group unless
-  eval.validation_within_group is false."""
+  eval.validation_within_group is false. Scored by `pair_score_fn` when given (as `episode_predictions`)."""
   within = eval_config.get("validation_within_group", True)  # absent from configs written before it existed
   largest = int(np.bincount(source.class_groups).max()) if within else source.num_classes
   episodes = sample_episodes(source.labels, source.class_groups, ways=min(eval_config.validation_ways, largest),
                              shots=1, queries=eval_config.queries_per_class,
                              num_episodes=eval_config.validation_episodes, seed=seed, within_group=within)
-  return float(episode_accuracies(embeddings, episodes).mean())
+  return float(episode_accuracies(embeddings, episodes, pair_score_fn=pair_score_fn).mean())
 
 
 def check_episode_settings(labels: np.ndarray, class_groups: np.ndarray, *, ways: Sequence[int],

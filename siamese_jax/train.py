@@ -156,15 +156,24 @@ def variables_of(state: TrainState):
   return nnx.merge_state(state.params, state.model_state)
 
 
-def validation_accuracy(embed_fn, state: TrainState, source, eval_config, seed: int) -> float:
+def pair_score_fn_of(graphdef, state: TrainState) -> Callable | None:
+  """The pair head's probability of "same class" for a model with one (it is scored by it), else None."""
+  if graphdef is None or not models.has_pair_head(nnx.merge(graphdef, state.params, state.model_state)):
+    return None
+  return models.make_pair_score_fn(models.make_pair_logits_fn(graphdef), variables_of(state))
+
+
+def validation_accuracy(embed_fn, state: TrainState, source, eval_config, seed: int, graphdef=None) -> float:
   """`evaluate.validation_accuracy` of the model in `state` on the validation classes `source`.
 
+  Scored as the test report scores it: by the pair head where the model has one (`graphdef` given).
   `state` must be addressable by this process (`DataParallel.local_copy`): every process embeds on its
   own, with no program spanning processes.
   """
   embeddings = evaluate.embed_images(embed_fn, variables_of(state), pipeline.all_images(source),
                                      eval_config.batch_size)
-  return evaluate.validation_accuracy(embeddings, source, eval_config, seed)
+  return evaluate.validation_accuracy(embeddings, source, eval_config, seed,
+                                      pair_score_fn=pair_score_fn_of(graphdef, state))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
@@ -296,7 +305,8 @@ def _train_and_evaluate(config, workdir: pathlib.Path, built: Setup) -> dict:
           built.splits.validation is not None:
         validation = validation_accuracy(embed_fn, parallel.local_copy(parallel.get_state(device_state)),
                                          built.splits.validation, config.eval,
-                                         seed=pipeline.split_seed(config.data, config.seed))
+                                         seed=pipeline.split_seed(config.data, config.seed),
+                                         graphdef=built.graphdef)
         if jax.process_count() > 1:  # process 0's number decides for all: they must stop at the same step
           validation = float(multihost_utils.broadcast_one_to_all(np.float32(validation)))
         writer.write(step, {"accuracy": validation}, prefix="validation")
@@ -470,12 +480,10 @@ def final_report(embed_fn, state: TrainState, splits: pipeline.Splits, config, *
                  graphdef=None) -> dict:
   """One-shot accuracy on the test classes (and Lake's 20 runs for Omniglot), as a results dict.
 
-  Models with a pair head (koch) are scored by its probability, as `--mode=eval` does (`graphdef` given).
+  Models with a pair head are scored by its probability, as `--mode=eval` does (`graphdef` given).
   """
   eval_config = config.eval
-  pair_score_fn = None
-  if graphdef is not None and models.has_pair_head(nnx.merge(graphdef, state.params, state.model_state)):
-    pair_score_fn = models.make_pair_score_fn(models.make_pair_logits_fn(graphdef), variables_of(state))
+  pair_score_fn = pair_score_fn_of(graphdef, state)
   test = splits.test
   embeddings = None
   if len(test):

@@ -1,6 +1,9 @@
 """Tests of siamese_jax.evaluate: episodes, prototype accuracy on hand-made embeddings, Lake runs."""
 
+import types
+
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -210,6 +213,17 @@ def test_pair_head_episodes_use_the_probability_not_the_distance():
   np.testing.assert_array_equal(evaluate.episode_predictions(embeddings, episode, pair_score_fn=product_probability),
                                 [[[1], [0]]])
 
+
+
+def test_validation_is_scored_by_the_pair_head_when_given():
+  # Two classes, far apart: the distance is always right. A head that prefers distant images (the
+  # sigmoid of |a - b|) always picks the other class, so validation by that head is 0, not 1.
+  source = types.SimpleNamespace(labels=np.array([0, 0, 1, 1]), class_groups=np.array([0, 0]))
+  embeddings = np.array([[0.0], [0.1], [5.0], [5.1]], np.float32)
+  eval_config = ml_collections.ConfigDict(dict(validation_ways=2, validation_episodes=10, queries_per_class=1))
+  farther = lambda first, second: jnp.asarray(1 / (1 + jnp.exp(-jnp.abs(first[:, 0] - second[:, 0]))))
+  assert evaluate.validation_accuracy(embeddings, source, eval_config, seed=0) == 1.0
+  assert evaluate.validation_accuracy(embeddings, source, eval_config, seed=0, pair_score_fn=farther) == 0.0
 
 def test_pair_scores_in_small_chunks_equal_one_chunk(monkeypatch):
   rng = np.random.default_rng(0)

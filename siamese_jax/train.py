@@ -136,6 +136,10 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     raise UserError(f"loss.name='koch_bce' scores pairs with Koch's weighted-L1 head, which "
                     f"model.name='{config.model.name}' lacks; set model.pair_head=True, use model.name='koch', "
                     "or a pair loss such as 'contrastive'.")
+  if config.loss.name != "koch_bce" and models.has_pair_head(model):
+    raise UserError(f"model.name='{config.model.name}' has Koch's pair head, which scores every validation and "
+                    f"evaluation, but only loss.name='koch_bce' trains it (loss.name='{config.loss.name}'); "
+                    "use koch_bce, or a model without the head (model.pair_head=False; conv4 or resnet).")
   graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
   steps_per_epoch = config.train.steps_per_epoch
   optim_config = config.optim.copy_and_resolve_references()

@@ -254,6 +254,19 @@ def test_batch_size_not_divisible_through_launch(tmp_path):
                   "choose a multiple of 4.")
 
 
+def test_a_pair_head_that_no_loss_trains_is_refused():
+  config = omniglot_config.get_config("smoke")
+  config.data.source = "synthetic"
+  config.model.pair_head = True  # the prototype loss never reads the head: it would score untrained
+  assert "only loss.name='koch_bce' trains it (loss.name='prototypical')" in setup_error(config)
+  config.loss = ml_collections.ConfigDict({"name": "koch_bce"})
+  config.sampling.kind = "pairs"
+  config.model.pair_head = False
+  assert "model.name='conv4' lacks; set model.pair_head=True" in setup_error(config)
+  config.model.pair_head = True
+  assert train.setup(config).state.params["head"]["kernel"].shape == (64, 1)  # 64 conv4 features at 28 px
+
+
 # ------------------------------------------------------------------------------------------------
 # 8. The loss and the sampling kind must agree.
 

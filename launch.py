@@ -283,8 +283,10 @@ def print_results(results: dict) -> None:
                  f"MAP@R {100 * retrieval['map_at_r']:.1f} %")
   if "known_accuracy" in results.get("open_set", {}):
     open_set = results["open_set"]
+    gallery_threshold = results.get("verification", {}).get("threshold", {}).get("gallery_threshold")
+    at = f" at the gallery threshold {gallery_threshold:.4g}" if gallery_threshold is not None else ""
     lines.append(f"  open set: known accuracy {100 * open_set['known_accuracy']:.1f} %, unknown rejected "
-                 f"{100 * open_set['unknown_rejection_rate']:.1f} %")
+                 f"{100 * open_set['unknown_rejection_rate']:.1f} %{at}")
   if "seconds" in results:
     lines.append(f"  took {results['seconds']['total']:.1f} s")
   if "written" in results:

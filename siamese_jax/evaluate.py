@@ -625,9 +625,11 @@ def threshold_record(similarity_threshold: float, scoring: str, **details) -> di
   return {**record, **details}
 
 
-def similarity_threshold(record: dict) -> float:
-  """The similarity threshold of a `threshold_record`."""
-  return -float(record["threshold"]) if record["scoring"] == "distance" else float(record["threshold"])
+def similarity_threshold(record: dict, use: str = "pair") -> float:
+  """The similarity threshold of a `threshold_record`: for one pair (`use="pair"`), or for a query against
+  a gallery of classes (`use="gallery"`: its `gallery_threshold` where calibrated, else the pair one)."""
+  value = float(record.get("gallery_threshold", record["threshold"]) if use == "gallery" else record["threshold"])
+  return -value if record["scoring"] == "distance" else value
 
 
 def similarity_for_people(similarities: np.ndarray | float, scoring: str) -> np.ndarray | float:
@@ -774,6 +776,29 @@ def open_set_report(class_similarities: np.ndarray, query_labels: np.ndarray, th
   return report
 
 
+def calibrate_open_set_threshold(class_similarities: np.ndarray, query_labels: np.ndarray) -> float:
+  """The similarity threshold of highest balanced open-set accuracy on calibration queries.
+
+  Balanced: the mean of `open_set_report`'s known_accuracy and unknown_rejection_rate, so the share of
+  unknown queries does not tilt it. Placed midway between two neighbouring best-class similarities
+  (the smallest such threshold on ties). A query's best similarity over a gallery of many classes is
+  higher than a single pair's, so this threshold, not the pair one, is the one to reject unknowns with.
+  """
+  class_similarities = np.asarray(class_similarities)
+  query_labels = np.asarray(query_labels)
+  known = query_labels >= 0
+  if not known.any() or known.all():
+    raise UserError("open-set calibration needs both known and unknown queries.")
+  best = class_similarities.max(axis=1)
+  right = known & (class_similarities.argmax(axis=1) == query_labels)
+  values = np.unique(best)
+  candidates = np.concatenate([[values[0] - 1.0], (values[1:] + values[:-1]) / 2, [values[-1] + 1.0]])
+  right_scores, unknown_scores = np.sort(best[right]), np.sort(best[~known])
+  known_accuracy = (len(right_scores) - np.searchsorted(right_scores, candidates, side="left")) / known.sum()
+  unknown_rejection = np.searchsorted(unknown_scores, candidates, side="left") / len(unknown_scores)
+  return float(candidates[int(np.argmax(known_accuracy + unknown_rejection))])
+
+
 def open_set_split(labels: np.ndarray, *, known_fraction: float = 0.5, gallery_shots: int = 1,
                    seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """(gallery records, their class [0..known), query records, their class or -1), deterministic.
@@ -860,7 +885,25 @@ def calibrate(model, splits, *, scoring: str = "auto", method: str = "max_accura
       threshold, scoring, method=method, target_far=target_far if method == "far" else None,
       calibrated_on=split_name, pairs=int(len(pairs.same)), seed=seed,
       **{f"calibration_{name}": value for name, value in rates.items()},
+      **_open_set_calibration(embeddings, source.labels, scoring, pair_score_fn, seed),
       step=model.step, checkpoint=str(model.checkpoint_dir), config_hash=model.config_hash)
+
+
+def _open_set_calibration(embeddings, labels, scoring: str, pair_score_fn, seed: int) -> dict:
+  """The gallery threshold's fields of the threshold record: calibrated with `evaluate_workdir`'s open-set
+  protocol (half the classes known, one gallery image each, nearest image) on the calibration split."""
+  try:
+    gallery, gallery_labels, queries, query_labels = open_set_split(labels, seed=seed)
+  except UserError as error:
+    return {"gallery_threshold_skipped": str(error)}
+  num_known = int(gallery_labels.max()) + 1
+  similarities = gallery_class_similarities(embeddings[queries], embeddings[gallery], gallery_labels, num_known,
+                                            "nearest", pair_score_fn)
+  threshold = calibrate_open_set_threshold(similarities, query_labels)
+  report = open_set_report(similarities, query_labels, threshold)
+  return {"gallery_threshold": similarity_for_people(threshold, scoring),
+          "gallery_threshold_classes": num_known,
+          **{f"gallery_calibration_{name}": report[name] for name in ("known_accuracy", "unknown_rejection_rate")}}
 
 
 def calibrate_workdir(workdir: str | pathlib.Path, *, checkpoint: str = "best", config=None,
@@ -986,8 +1029,8 @@ def evaluate_workdir(workdir: str | pathlib.Path, *, checkpoint: str = "best", c
         embeddings[query_records], embeddings[gallery], gallery_labels, int(gallery_labels.max()) + 1,
         "nearest", pair_score_fn)
     results["open_set"] = {"protocol": "half the test classes known, 1 gallery image each, nearest image, "
-                                       "calibrated threshold",
-                           **open_set_report(similarities, query_labels, threshold)}
+                                       "gallery threshold calibrated the same way on the validation classes",
+                           **open_set_report(similarities, query_labels, similarity_threshold(record, "gallery"))}
   except UserError as error:
     results["open_set"] = {"skipped": str(error)}
   lap("open_set")

@@ -466,8 +466,8 @@ def classify_gallery(workdir: str | os.PathLike, gallery: str | os.PathLike, que
   unit = "distance" if scoring == "distance" else "probability"
   score_of = lambda columns: evaluate.similarity_for_people(similarities[rows, columns], scoring)
   accepted = None
-  if record is not None:
-    accepted = similarities[rows, best] >= evaluate.similarity_threshold(record)
+  if record is not None:  # a query against many classes: the gallery threshold (evaluate.similarity_threshold)
+    accepted = similarities[rows, best] >= evaluate.similarity_threshold(record, "gallery")
   names = gallery_source.class_names
   truth = query_set.class_names
   index_of = {name: i for i, name in enumerate(names)}
@@ -507,7 +507,7 @@ def classify_gallery(workdir: str | os.PathLike, gallery: str | os.PathLike, que
   if shown < len(rows):
     summary["predictions"].append(f"... {len(rows) - shown} more in the CSV")
   if record is not None:
-    summary["threshold"] = record["threshold"]
+    summary["threshold"] = evaluate.similarity_for_people(evaluate.similarity_threshold(record, "gallery"), scoring)
     summary["accepted"] = int(accepted.sum())
   if query_labels is not None:
     known = query_labels >= 0
@@ -516,7 +516,7 @@ def classify_gallery(workdir: str | os.PathLike, gallery: str | os.PathLike, que
     summary["unknown_class_queries"] = int((~known).sum())
   if open_set_mode:
     summary["open_set"] = evaluate.open_set_report(similarities, query_labels,
-                                                   evaluate.similarity_threshold(record))
+                                                   evaluate.similarity_threshold(record, "gallery"))
   return summary
 
 

@@ -361,6 +361,29 @@ def test_open_set_report_by_hand():
                     "closed_set_accuracy": 0.5, "known_rejection_rate": 0.0, "unknown_rejection_rate": 0.5}
 
 
+
+def test_open_set_threshold_by_hand():
+  # Best similarities: known and right -1 (q0) and -3 (q2); known but wrong -2 (q1: never right);
+  # unknown -5, -0.5, -3.5. Candidates lie midway between neighbours. At -3.25: both right ones
+  # accepted (2/3 of the known) and -5, -3.5 rejected (2/3 of the unknown): balanced 2/3, the only
+  # maximum (-4.25: 2/3 and 1/3; -2.5: 1/3 and 2/3; above -0.5: 0 and 1).
+  similarities = np.array([[-1.0, -4.0], [-6.0, -2.0], [-7.0, -3.0], [-5.0, -8.0], [-0.5, -0.9], [-9.0, -3.5]])
+  labels = np.array([0, 0, 1, -1, -1, -1])
+  threshold = evaluate.calibrate_open_set_threshold(similarities, labels)
+  assert threshold == pytest.approx(-3.25)
+  report = evaluate.open_set_report(similarities, labels, threshold)
+  assert report["known_accuracy"] == pytest.approx(2 / 3) and report["unknown_rejection_rate"] == pytest.approx(2 / 3)
+  with pytest.raises(UserError, match="both known and unknown queries"):
+    evaluate.calibrate_open_set_threshold(similarities[:3], labels[:3])
+
+
+def test_gallery_threshold_is_read_for_galleries_and_the_pair_one_for_pairs():
+  record = {"scoring": "distance", "threshold": 4.0, "gallery_threshold": 2.5}
+  assert evaluate.similarity_threshold(record) == -4.0
+  assert evaluate.similarity_threshold(record, "gallery") == -2.5
+  del record["gallery_threshold"]  # a record written before it, or a threshold given by hand
+  assert evaluate.similarity_threshold(record, "gallery") == -4.0
+
 def test_open_set_split_is_disjoint_and_deterministic():
   labels, _ = grouped_labels()  # 9 classes of 4
   gallery, gallery_labels, queries, query_labels = evaluate.open_set_split(labels, gallery_shots=1, seed=0)

@@ -324,6 +324,17 @@ def test_open_set_on_omniglot_images(own_workdir, omniglot_folders, capsys):
   code, _, err = run_launch(["--mode=openset", f"--workdir={own_workdir}", f"--gallery={omniglot_folders / 'gallery'}",
                              f"--queries={flat}", "--threshold=4.0"], capsys)
   assert "must come in class folders (queries/<class>/<image>)" in error_line(code, err)
+  # Calibrated: open set rejects at the gallery threshold (a query's best of many classes), not the pair one.
+  code, _, _ = run_launch(["--mode=calibrate", f"--workdir={own_workdir}", "--pairs=400"], capsys)
+  assert code == 0
+  record = json.loads((own_workdir / "eval" / "threshold.json").read_text())
+  assert record["gallery_threshold_classes"] > 0 and record["gallery_threshold"] != record["threshold"]
+  assert 0 <= record["gallery_calibration_unknown_rejection_rate"] <= 1
+  report = inference.open_set(own_workdir, omniglot_folders / "gallery", omniglot_folders / "queries", invert="yes")
+  assert report["threshold"] == pytest.approx(record["gallery_threshold"])
+  for row in read_csv(own_workdir / "eval" / "openset_nearest.csv"):
+    accepted = float(row["distance"]) <= record["gallery_threshold"]
+    assert row["decision"] == (row["predicted"] if accepted else "unknown")
 
 
 def test_compare_gallery_and_open_set_on_a_colour_folder_dataset(own_workdir, colour_folders, capsys):

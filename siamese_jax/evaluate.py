@@ -567,6 +567,11 @@ def equal_error_rate(similarities: np.ndarray, same: np.ndarray) -> tuple[float,
   return float(far[i - 1] + fraction * (far[i] - far[i - 1])), float(thresholds[i])
 
 
+def _midpoint_thresholds(values: np.ndarray) -> np.ndarray:
+  """Candidate thresholds for sorted unique scores: below all, midway between neighbours, above all."""
+  return np.concatenate([[values[0] - 1.0], (values[1:] + values[:-1]) / 2, [values[-1] + 1.0]])
+
+
 def calibrate_threshold(similarities: np.ndarray, same: np.ndarray, method: str = "max_accuracy",
                         target_far: float = 0.001) -> float:
   """A similarity threshold (same iff similarity >= threshold) chosen on calibration pairs.
@@ -580,7 +585,7 @@ def calibrate_threshold(similarities: np.ndarray, same: np.ndarray, method: str 
   positives, negatives = _split_scores(similarities, same)
   values = np.unique(np.concatenate([positives, negatives]))
   if method == "max_accuracy":
-    candidates = np.concatenate([[values[0] - 1.0], (values[1:] + values[:-1]) / 2, [values[-1] + 1.0]])
+    candidates = _midpoint_thresholds(values)
     correct = (len(positives) - np.searchsorted(np.sort(positives), candidates, side="left")
                + np.searchsorted(np.sort(negatives), candidates, side="left"))
     return float(candidates[int(np.argmax(correct))])
@@ -792,7 +797,7 @@ def calibrate_open_set_threshold(class_similarities: np.ndarray, query_labels: n
   best = class_similarities.max(axis=1)
   right = known & (class_similarities.argmax(axis=1) == query_labels)
   values = np.unique(best)
-  candidates = np.concatenate([[values[0] - 1.0], (values[1:] + values[:-1]) / 2, [values[-1] + 1.0]])
+  candidates = _midpoint_thresholds(values)
   right_scores, unknown_scores = np.sort(best[right]), np.sort(best[~known])
   known_accuracy = (len(right_scores) - np.searchsorted(right_scores, candidates, side="left")) / known.sum()
   unknown_rejection = np.searchsorted(unknown_scores, candidates, side="left") / len(unknown_scores)

@@ -155,7 +155,7 @@ class PairHead(nnx.Module):
 
 
 def _pair_head(config: ml_collections.ConfigDict, embedding_dim: int, rngs: nnx.Rngs) -> nnx.Linear | None:
-  return nnx.Linear(embedding_dim, 1, rngs=rngs) if config.get("pair_head", False) else None
+  return nnx.Linear(embedding_dim, 1, rngs=rngs) if config.pair_head else None
 
 
 def _require_int(name: str, value: Any, minimum: int) -> int:

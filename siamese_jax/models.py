@@ -403,11 +403,16 @@ def create(
   return MODELS[config.name](config, image_shape=image_shape, rngs=rngs)
 
 
+def make_pair_probability_fn(pair_logits_fn: Callable) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
+  """`(variables, e1 [P, D], e2 [P, D]) -> [P]`, jitted: the pair head's probability that two embedded
+  images show the same class. Build it once and pass new variables to it: it compiles once per shape."""
+  return jax.jit(lambda variables, first, second: jax.nn.sigmoid(pair_logits_fn(variables, first, second)))
+
+
 def make_pair_score_fn(pair_logits_fn: Callable, variables: Any) -> Callable[[jax.Array, jax.Array], jax.Array]:
-  """`pair_score_fn(e1 [P, D], e2 [P, D]) -> [P]`: the pair head's probability that two embedded images
-  show the same class, from `make_pair_logits_fn`'s function with `variables` bound."""
-  scores = jax.jit(lambda variables, first, second: jax.nn.sigmoid(pair_logits_fn(variables, first, second)))
-  return functools.partial(scores, variables)
+  """`pair_score_fn(e1 [P, D], e2 [P, D]) -> [P]`: `make_pair_probability_fn`'s function with `variables`
+  bound."""
+  return functools.partial(make_pair_probability_fn(pair_logits_fn), variables)
 
 
 def has_pair_head(model: nnx.Module) -> bool:

@@ -112,6 +112,9 @@ class Setup:
   sampler: sampling.Sampler
   loss_fn: Callable
   loss_options: dict
+  # `models.make_pair_probability_fn` for a model with a pair head (it is scored by it), else None;
+  # built once, so validating every eval_every steps reuses one compiled head.
+  pair_probability: Callable | None = None
 
 
 def setup(config: ml_collections.ConfigDict) -> Setup:
@@ -152,7 +155,10 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
                                         global_batch_size=config.sampling.batch_size)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                      opt_state=tx.init(params))
-  return Setup(splits, parallel, graphdef, state, tx, schedule, sampler, loss_fn, loss_options)
+  pair_probability = (models.make_pair_probability_fn(models.make_pair_logits_fn(graphdef))
+                      if models.has_pair_head(model) else None)
+  return Setup(splits, parallel, graphdef, state, tx, schedule, sampler, loss_fn, loss_options,
+               pair_probability)
 
 
 def variables_of(state: TrainState):
@@ -160,24 +166,23 @@ def variables_of(state: TrainState):
   return nnx.merge_state(state.params, state.model_state)
 
 
-def pair_score_fn_of(graphdef, state: TrainState) -> Callable | None:
-  """The pair head's probability of "same class" for a model with one (it is scored by it), else None."""
-  if graphdef is None or not models.has_pair_head(nnx.merge(graphdef, state.params, state.model_state)):
-    return None
-  return models.make_pair_score_fn(models.make_pair_logits_fn(graphdef), variables_of(state))
+def pair_score_fn_of(pair_probability: Callable | None, state: TrainState) -> Callable | None:
+  """`Setup.pair_probability` bound to the model in `state` (None for a model scored by distance)."""
+  return None if pair_probability is None else functools.partial(pair_probability, variables_of(state))
 
 
-def validation_accuracy(embed_fn, state: TrainState, source, eval_config, seed: int, graphdef=None) -> float:
+def validation_accuracy(embed_fn, state: TrainState, source, eval_config, seed: int,
+                        pair_probability: Callable | None = None) -> float:
   """`evaluate.validation_accuracy` of the model in `state` on the validation classes `source`.
 
-  Scored as the test report scores it: by the pair head where the model has one (`graphdef` given).
-  `state` must be addressable by this process (`DataParallel.local_copy`): every process embeds on its
-  own, with no program spanning processes.
+  Scored as the test report scores it: by the pair head where the model has one (`pair_probability`,
+  `Setup.pair_probability`). `state` must be addressable by this process (`DataParallel.local_copy`):
+  every process embeds on its own, with no program spanning processes.
   """
   embeddings = evaluate.embed_images(embed_fn, variables_of(state), pipeline.all_images(source),
                                      eval_config.batch_size)
   return evaluate.validation_accuracy(embeddings, source, eval_config, seed,
-                                      pair_score_fn=pair_score_fn_of(graphdef, state))
+                                      pair_score_fn=pair_score_fn_of(pair_probability, state))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
@@ -310,7 +315,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, built: Setup) -> dict:
         validation = validation_accuracy(embed_fn, parallel.local_copy(parallel.get_state(device_state)),
                                          built.splits.validation, config.eval,
                                          seed=pipeline.split_seed(config.data, config.seed),
-                                         graphdef=built.graphdef)
+                                         pair_probability=built.pair_probability)
         if jax.process_count() > 1:  # process 0's number decides for all: they must stop at the same step
           validation = float(multihost_utils.broadcast_one_to_all(np.float32(validation)))
         writer.write(step, {"accuracy": validation}, prefix="validation")
@@ -371,7 +376,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, built: Setup) -> dict:
     return {"step": step, "preempted": True}
   final_state = parallel.local_copy(parallel.get_state(device_state))
   results = final_report(embed_fn, final_state, built.splits, config, step=int(final_state.step),
-                         graphdef=built.graphdef)
+                         pair_probability=built.pair_probability)
   results["training_seconds"] = training_seconds
   results["best_validation_accuracy"] = loop_state["best_validation_accuracy"]
   if is_main:
@@ -481,13 +486,14 @@ class PreemptionSignal:
 
 
 def final_report(embed_fn, state: TrainState, splits: pipeline.Splits, config, *, step: int,
-                 graphdef=None) -> dict:
+                 pair_probability: Callable | None = None) -> dict:
   """One-shot accuracy on the test classes (and Lake's 20 runs for Omniglot), as a results dict.
 
-  Models with a pair head are scored by its probability, as `--mode=eval` does (`graphdef` given).
+  Models with a pair head are scored by its probability, as `--mode=eval` does (`pair_probability`
+  given: `Setup.pair_probability`).
   """
   eval_config = config.eval
-  pair_score_fn = pair_score_fn_of(graphdef, state)
+  pair_score_fn = pair_score_fn_of(pair_probability, state)
   test = splits.test
   embeddings = None
   if len(test):

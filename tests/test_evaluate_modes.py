@@ -16,6 +16,7 @@ import subprocess
 import sys
 import zipfile
 
+import jax
 import numpy as np
 import pytest
 from absl import flags
@@ -432,7 +433,8 @@ def test_training_report_scores_a_koch_model_with_its_head_like_eval_mode(koch_w
   config.eval.test_ways, config.eval.test_shots, config.eval.test_episodes = (5,), (1,), 20
   built = train.setup(config)  # the same seed rebuilds the saved step-0 state
   embed_fn = models.make_embed_fn(built.graphdef)
-  report = train.final_report(embed_fn, built.state, built.splits, config, step=0, graphdef=built.graphdef)
+  report = train.final_report(embed_fn, built.state, built.splits, config, step=0,
+                              pair_probability=built.pair_probability)
   by_eval = evaluate.evaluate_workdir(koch_workdir, ways=(5,), shots=(1,), num_episodes=20, num_pairs=200,
                                       progress=False)
   # The synthetic test split's groups hold 4 classes, so 5-way within-group episodes are skipped by both.
@@ -441,6 +443,23 @@ def test_training_report_scores_a_koch_model_with_its_head_like_eval_mode(koch_w
       by_eval["episodes"]["unstructured"]["5way1shot"]["mean"])
   by_distance = train.final_report(embed_fn, built.state, built.splits, config, step=0)
   assert by_distance["episodes"] != report["episodes"]
+
+
+def test_validation_of_a_pair_head_model_compiles_its_head_once(koch_workdir):
+  # Validation runs every eval_every steps with new parameters: the head's probability is built once in
+  # setup and reused, so a second validation on other parameters adds no compilation. A model without a
+  # head has none (it is scored by distance).
+  config = inference.load_trained_model(koch_workdir).config
+  built = train.setup(config)
+  embed_fn = models.make_embed_fn(built.graphdef)
+  later = built.state.replace(params=jax.tree.map(lambda x: x * 1.5, built.state.params))
+  accuracies = [train.validation_accuracy(embed_fn, state, built.splits.validation, config.eval, seed=0,
+                                          pair_probability=built.pair_probability)
+                for state in (built.state, later)]
+  assert all(0.0 <= a <= 1.0 for a in accuracies)
+  assert built.pair_probability._cache_size() == 1
+  config.model.name, config.loss.name = "conv4", "contrastive"  # the same pair batches, no head
+  assert train.setup(config).pair_probability is None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -431,6 +431,21 @@ def compare_images(workdir: str | os.PathLike, image1: str | os.PathLike, image2
   return result
 
 
+def gallery_size_note(record: dict, num_classes: int, factor: float = 2.0) -> str | None:
+  """A note when a gallery is `factor` times larger or smaller than the one the gallery threshold was
+  calibrated on: an unknown query's nearest class is closer in a larger gallery, so fewer are rejected
+  (and more in a smaller one) than the calibration's rates say."""
+  calibrated = record.get("gallery_threshold_classes")
+  if not calibrated or 1 / factor <= num_classes / calibrated <= factor:
+    return None
+  more = num_classes > calibrated
+  return (f"the gallery threshold was calibrated on a gallery of {calibrated} classes, this one has "
+          f"{num_classes}: expect {'fewer' if more else 'more'} unknown queries rejected than the calibration's "
+          f"{record.get('gallery_calibration_unknown_rejection_rate', float('nan')):.1%}"
+          f"; check it with --mode=openset on labelled "
+          "queries, or set your own with --threshold.")
+
+
 def classify_gallery(workdir: str | os.PathLike, gallery: str | os.PathLike, queries: str | os.PathLike, *,
                      method: str = "nearest", output: str | os.PathLike | None = None,
                      checkpoint: str = "best", config=None, invert: str | bool = "auto",
@@ -509,6 +524,8 @@ def classify_gallery(workdir: str | os.PathLike, gallery: str | os.PathLike, que
   if record is not None:
     summary["threshold"] = evaluate.similarity_for_people(evaluate.similarity_threshold(record, "gallery"), scoring)
     summary["accepted"] = int(accepted.sum())
+    if note := gallery_size_note(record, num_classes):
+      summary["note"] = note
   if query_labels is not None:
     known = query_labels >= 0
     if known.any():

@@ -333,9 +333,24 @@ def test_open_set_on_omniglot_images(own_workdir, omniglot_folders, capsys):
   assert 0 <= record["gallery_calibration_unknown_rejection_rate"] <= 1
   report = inference.open_set(own_workdir, omniglot_folders / "gallery", omniglot_folders / "queries", invert="yes")
   assert report["threshold"] == pytest.approx(record["gallery_threshold"])
+  assert report.get("note") == inference.gallery_size_note(record, report["gallery_classes"])
   for row in read_csv(own_workdir / "eval" / "openset_nearest.csv"):
     accepted = float(row["distance"]) <= record["gallery_threshold"]
     assert row["decision"] == (row["predicted"] if accepted else "unknown")
+
+
+def test_gallery_size_note_flags_galleries_far_from_the_calibrated_size():
+  # The gallery threshold holds for galleries near the calibration's size (a factor 2 either way); an
+  # unknown query meets closer classes in a larger gallery, so fewer are rejected, and the note says so.
+  record = {"threshold": 1.0, "gallery_threshold": 0.8, "gallery_threshold_classes": 75,
+            "gallery_calibration_unknown_rejection_rate": 0.8}
+  assert [inference.gallery_size_note(record, n) for n in (38, 75, 150)] == [None, None, None]
+  assert inference.gallery_size_note(record, 330) == (
+      "the gallery threshold was calibrated on a gallery of 75 classes, this one has 330: expect fewer unknown "
+      "queries rejected than the calibration's 80.0%; check it with --mode=openset on labelled queries, or "
+      "set your own with --threshold.")
+  assert "this one has 37: expect more unknown queries rejected" in inference.gallery_size_note(record, 37)
+  assert inference.gallery_size_note({"threshold": 1.0}, 330) is None  # --threshold given, or an older record
 
 
 def test_compare_gallery_and_open_set_on_a_colour_folder_dataset(own_workdir, colour_folders, capsys):

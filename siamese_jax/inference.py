@@ -441,7 +441,7 @@ def gallery_size_note(record: dict, num_classes: int, factor: float = 2.0) -> st
   more = num_classes > calibrated
   return (f"the gallery threshold was calibrated on a gallery of {calibrated} classes, this one has "
           f"{num_classes}: expect {'fewer' if more else 'more'} unknown queries rejected than the calibration's "
-          f"{record.get('gallery_calibration_unknown_rejection_rate', float('nan')):.1%}; check it with "
+          f"{record['gallery_calibration_unknown_rejection_rate']:.1%}; check it with "
           "--mode=openset on labelled queries, or set your own with --threshold.")
 
 

@@ -24,6 +24,7 @@ from PIL import Image
 
 import launch
 from siamese_jax import checkpoint, ensemble, evaluate, inference, models, train
+from siamese_jax.data import pipeline
 from siamese_jax.errors import UserError
 from trained_workdir import TEST_CLASSES, copy_of, smoke_config, trained_workdir
 
@@ -333,10 +334,18 @@ def test_open_set_on_omniglot_images(own_workdir, omniglot_folders, capsys):
   assert 0 <= record["gallery_calibration_unknown_rejection_rate"] <= 1
   report = inference.open_set(own_workdir, omniglot_folders / "gallery", omniglot_folders / "queries", invert="yes")
   assert report["threshold"] == pytest.approx(record["gallery_threshold"])
-  assert report.get("note") == inference.gallery_size_note(record, report["gallery_classes"])
   for row in read_csv(own_workdir / "eval" / "openset_nearest.csv"):
     accepted = float(row["distance"]) <= record["gallery_threshold"]
     assert row["decision"] == (row["predicted"] if accepted else "unknown")
+  # A threshold calibrated on a gallery of 40 classes, used with this one of 4: the mode prints the note;
+  # calibrated on 4, it does not.
+  threshold_file = own_workdir / "eval" / "threshold.json"
+  for calibrated, noted in ((40, True), (4, False)):
+    threshold_file.write_text(json.dumps({**record, "gallery_threshold_classes": calibrated}))
+    code, out, _ = run_launch(["--mode=openset", *arguments], capsys)
+    assert code == 0, out
+    assert ("note: the gallery threshold was calibrated on a gallery of 40 classes, this one has 4: expect more "
+            "unknown queries rejected" in out) == noted, out
 
 
 def test_gallery_size_note_flags_galleries_far_from_the_calibrated_size():
@@ -471,7 +480,11 @@ def test_validation_of_a_pair_head_model_compiles_its_head_once(koch_workdir):
   accuracies = [train.validation_accuracy(embed_fn, state, built.splits.validation, config.eval, seed=0,
                                           pair_probability=built.pair_probability)
                 for state in (built.state, later)]
-  assert all(0.0 <= a <= 1.0 for a in accuracies)
+  # The same number eval mode's model gives for the step-0 state (scored by its own pair_score_fn).
+  model = inference.load_trained_model(koch_workdir)
+  validation = pipeline.all_images(built.splits.validation)
+  assert accuracies[0] == pytest.approx(evaluate.validation_accuracy(
+      model.embed(validation), built.splits.validation, config.eval, 0, pair_score_fn=model.pair_score_fn))
   assert built.pair_probability._cache_size() == 1
   config.model.name, config.loss.name = "conv4", "contrastive"  # the same pair batches, no head
   assert train.setup(config).pair_probability is None

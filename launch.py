@@ -257,7 +257,9 @@ def unknown_override_message(argv: list[str]) -> str | None:
 def print_results(results: dict) -> None:
   checkpoint = results.get("checkpoint")
   where = f" ({checkpoint['path']}, {checkpoint['selected_by']})" if checkpoint else ""
-  lines = [f"Results at step {results.get('step')}{where}:"]
+  members = (checkpoint or {}).get("members")  # an ensemble: each member's own step
+  at = f"steps {' / '.join(str(m['step']) for m in members)}" if members else f"step {results.get('step')}"
+  lines = [f"Results at {at}{where}:"]
   if "accuracy" in results.get("lake_runs", {}):
     lake = results["lake_runs"]
     interval = f" +- {100 * lake['ci95']:.1f}" if "ci95" in lake else ""  # absent from older results

@@ -548,6 +548,7 @@ def test_ensemble_is_its_members_side_by_side_in_every_mode(workdir, narrow_work
   assert code == 0, err
   results = json.loads((ensemble_dir / "eval" / "results.json").read_text())
   assert len(results["checkpoint"]["members"]) == 2 and "ensemble of 2 members" in out
+  assert f"Results at steps {members[0].step} / {members[1].step} (" in out  # each member's own step
   image = tmp_path / "a.png"
   Image.fromarray(np.asarray(splits.test[0])[..., 0]).save(image)
   code, out, err = run_launch(["--mode=compare", f"--workdir={ensemble_dir}", f"--image1={image}",

@@ -77,6 +77,30 @@ def test_best_variants_change_only_their_fields(variant, expected):
   assert omniglot_best.get_config(None) == omniglot_best.get_config("batches120")
 
 
+@pytest.mark.parametrize("variant, expected", [
+    ("t5", {"train.num_steps": 12000}),
+    ("t5_seed1", {"train.num_steps": 12000, "seed": 1, "data.split_seed": 0}),
+    ("rotations", {"train.num_steps": 6000, "seed": 2, "data.split_seed": 0,
+                   "data.train_class_rotations": (90, 180, 270)}),
+    ("rotations_12k", {"train.num_steps": 12000, "seed": 3, "data.split_seed": 0,
+                       "data.train_class_rotations": (90, 180, 270)}),
+])
+def test_best_triplet_variants_change_only_their_fields(variant, expected):
+  # The networks of docs/ablations.md T5-T9: T3's recipe with 120-way batches, the time limit off, and
+  # these fields; the split seed stays 0, so every member is judged on the same validation classes.
+  from configs import omniglot_best_triplet, omniglot_triplet
+  config, base = omniglot_best_triplet.get_config(variant), omniglot_triplet.get_config("cpu_hour")
+  expected = {**expected, "sampling.m_per_class": 2, "sampling.classes_per_group": 20,
+              "train.time_limit_minutes": 0.0}
+  assert changed(config, base) == set(expected)
+  for field, value in expected.items():
+    node = config
+    for part in field.split("."):
+      node = node[part]
+    assert node == value, field
+  assert omniglot_best_triplet.get_config(None) == omniglot_best_triplet.get_config("t5")
+
+
 def test_triplet_cpu_hour_is_the_cpu_hour_recipe_with_the_triplet_loss_and_head():
   # docs/ablations.md, T3: what was measured is exactly these two configs put together.
   from configs import omniglot_cpu_hour, omniglot_triplet

@@ -1,7 +1,8 @@
-r"""Omniglot, the best Lake-split result: an ensemble of three variants of `configs/omniglot_cpu_hour.py`.
+r"""Omniglot, the best prototype-loss result: an ensemble of three variants of `configs/omniglot_cpu_hour.py`.
 
-The config for the best result on any hardware: nothing in it is specific to a CPU, GPU or TPU, but it
-has only ever run on CPUs.
+The best result overall is `configs/omniglot_best_triplet.py` (three triplet-loss networks: validation
+92.62 % against this ensemble's 92.18 %; docs/ablations.md, T7). Nothing here is specific to a CPU, GPU
+or TPU, but it has only ever run on CPUs.
 Each variant is one member; `--mode=ensemble` combines their best checkpoints (docs/ablations.md, rows
 10-12 and L4):
   :batches120  120-way 1-shot-style batches (6 alphabets x 20 classes x 2 images), 12,000 steps

@@ -58,6 +58,16 @@ def changed(config, base, prefix=""):
   return found
 
 
+def assert_changes_only(config, base, expected):
+  """`config` differs from `base` in exactly the dotted fields of `expected`, and has their values."""
+  assert changed(config, base) == set(expected)
+  for field, value in expected.items():
+    node = config
+    for part in field.split("."):
+      node = node[part]
+    assert node == value, field
+
+
 @pytest.mark.parametrize("variant, expected", [
     ("batches120", {"sampling.m_per_class": 2, "sampling.classes_per_group": 20, "train.num_steps": 12000}),
     ("rotations", {"data.train_class_rotations": (90, 180, 270)}),
@@ -68,12 +78,8 @@ def test_best_variants_change_only_their_fields(variant, expected):
   # The three members of the best result (docs/ablations.md, L4) are the CPU-hour recipe plus these
   # fields and the time limit off; anything else changed would not be the ensemble that was measured.
   from configs import omniglot_best, omniglot_cpu_hour
-  config, base = omniglot_best.get_config(variant), omniglot_cpu_hour.get_config()
-  expected = {**expected, "train.time_limit_minutes": 0.0}
-  assert changed(config, base) == set(expected)
-  for field, value in expected.items():
-    section, name = field.split(".")
-    assert config[section][name] == value
+  assert_changes_only(omniglot_best.get_config(variant), omniglot_cpu_hour.get_config(),
+                      {**expected, "train.time_limit_minutes": 0.0})
   assert omniglot_best.get_config(None) == omniglot_best.get_config("batches120")
 
 
@@ -89,15 +95,9 @@ def test_best_triplet_variants_change_only_their_fields(variant, expected):
   # The networks of docs/ablations.md T5-T9: T3's recipe with 120-way batches, the time limit off, and
   # these fields; the split seed stays 0, so every member is judged on the same validation classes.
   from configs import omniglot_best_triplet, omniglot_triplet
-  config, base = omniglot_best_triplet.get_config(variant), omniglot_triplet.get_config("cpu_hour")
-  expected = {**expected, "sampling.m_per_class": 2, "sampling.classes_per_group": 20,
-              "train.time_limit_minutes": 0.0}
-  assert changed(config, base) == set(expected)
-  for field, value in expected.items():
-    node = config
-    for part in field.split("."):
-      node = node[part]
-    assert node == value, field
+  assert_changes_only(omniglot_best_triplet.get_config(variant), omniglot_triplet.get_config("cpu_hour"),
+                      {**expected, "sampling.m_per_class": 2, "sampling.classes_per_group": 20,
+                       "train.time_limit_minutes": 0.0})
   assert omniglot_best_triplet.get_config(None) == omniglot_best_triplet.get_config("t5")
 
 

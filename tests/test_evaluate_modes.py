@@ -431,7 +431,6 @@ def test_koch_head_scores_episodes_thresholds_and_compare(koch_workdir, tmp_path
   assert 0 < results["verification"]["threshold"]["threshold"] < 1
   assert 0 <= results["episodes"]["unstructured"]["5way2shot"]["mean"] <= 1
   # The episode numbers are the head's: recompute one setting from the model's own functions.
-  from siamese_jax.data import pipeline
   test = pipeline.load_splits(model.config.data, seed=model.config.seed).test
   embeddings = model.embed(test)
   episodes = evaluate.sample_episodes(test.labels, test.class_groups, ways=5, shots=1, queries=1, num_episodes=20,
@@ -509,7 +508,6 @@ def _squared_distances(embeddings: np.ndarray) -> np.ndarray:
 
 
 def test_ensemble_is_its_members_side_by_side_in_every_mode(workdir, narrow_workdir, tmp_path, capsys):
-  from siamese_jax.data import pipeline
   ensemble_dir = tmp_path / "ensemble"
   code, out, err = run_launch(["--mode=ensemble", f"--workdir={ensemble_dir}",
                                f"--members={workdir},{narrow_workdir}"], capsys)

@@ -55,7 +55,8 @@ flags.DEFINE_list("shots", ["1", "5"], "eval: K of the K-shot episodes (comma-se
 flags.DEFINE_integer("episodes", 1000, "eval: episodes per (mode, N, K) setting.")
 flags.DEFINE_integer("queries_per_class", None, "eval: query images per class in an episode (default: the run's "
                      "eval.queries_per_class).")
-flags.DEFINE_integer("seed", None, "eval/calibrate/plots: seed of episodes and pairs (default: the run's seed).")
+flags.DEFINE_integer("seed", None, "eval/plots: seed of the test episodes and pairs (default: the run's seed); "
+                     "thresholds are always calibrated with the run's seed.")
 flags.DEFINE_enum("scoring", "auto", ("auto", "distance", "pair_head"), "eval/calibrate: score pairs by embedding "
                   "distance or by the Koch head's probability; auto = the head where the model has one.")
 flags.DEFINE_enum("threshold_method", "max_accuracy", ("max_accuracy", "far"), "eval/calibrate: calibrate the "

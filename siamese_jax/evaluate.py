@@ -805,7 +805,8 @@ def calibrate_open_set_threshold(class_similarities: np.ndarray, query_labels: n
 
 
 def open_set_split(labels: np.ndarray, *, known_fraction: float = 0.5, gallery_shots: int = 1,
-                   seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                   seed: int | np.random.SeedSequence = 0
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """(gallery records, their class [0..known), query records, their class or -1), deterministic.
 
   A seeded `known_fraction` of the classes is known: `gallery_shots` random records of each go to the
@@ -894,20 +895,41 @@ def calibrate(model, splits, *, scoring: str = "auto", method: str = "max_accura
       step=model.step, checkpoint=str(model.checkpoint_dir), config_hash=model.config_hash)
 
 
+OPEN_SET_CALIBRATION_SPLITS = 8
+
+
+def calibrate_gallery_threshold(embeddings: np.ndarray, labels: np.ndarray, *, seed: int,
+                                splits: int = OPEN_SET_CALIBRATION_SPLITS,
+                                pair_score_fn: PairScoreFn | None = None) -> tuple[float, dict, int]:
+  """(similarity threshold, its open-set report, known classes per split) for queries against a gallery.
+
+  `evaluate_workdir`'s open-set protocol (`open_set_split`: half the classes known, one gallery image
+  each, nearest image) drawn `splits` times from `seed`, every split's queries pooled into one
+  `calibrate_open_set_threshold`: one split's threshold hangs on which classes happened to be known
+  and which image each got; pooling 8 cuts that spread to about a third.
+  """
+  split_seeds = np.random.SeedSequence(seed).spawn(splits)
+  similarities, query_labels = [], []
+  for split_seed in split_seeds:
+    gallery, gallery_labels, queries, labels_of_queries = open_set_split(labels, seed=split_seed)
+    num_known = int(gallery_labels.max()) + 1  # the same in every split: round(known_fraction * classes)
+    similarities.append(gallery_class_similarities(embeddings[queries], embeddings[gallery], gallery_labels,
+                                                   num_known, "nearest", pair_score_fn))
+    query_labels.append(labels_of_queries)
+  similarities, query_labels = np.concatenate(similarities), np.concatenate(query_labels)
+  threshold = calibrate_open_set_threshold(similarities, query_labels)
+  return threshold, open_set_report(similarities, query_labels, threshold), num_known
+
+
 def _open_set_calibration(embeddings, labels, scoring: str, pair_score_fn, seed: int) -> dict:
-  """The gallery threshold's fields of the threshold record: calibrated with `evaluate_workdir`'s open-set
-  protocol (half the classes known, one gallery image each, nearest image) on the calibration split."""
+  """The gallery threshold's fields of the threshold record (`calibrate_gallery_threshold`)."""
   try:
-    gallery, gallery_labels, queries, query_labels = open_set_split(labels, seed=seed)
+    threshold, report, num_known = calibrate_gallery_threshold(embeddings, labels, seed=seed,
+                                                               pair_score_fn=pair_score_fn)
   except UserError as error:
     return {"gallery_threshold_skipped": str(error)}
-  num_known = int(gallery_labels.max()) + 1
-  similarities = gallery_class_similarities(embeddings[queries], embeddings[gallery], gallery_labels, num_known,
-                                            "nearest", pair_score_fn)
-  threshold = calibrate_open_set_threshold(similarities, query_labels)
-  report = open_set_report(similarities, query_labels, threshold)
   return {"gallery_threshold": similarity_for_people(threshold, scoring),
-          "gallery_threshold_classes": num_known,
+          "gallery_threshold_classes": num_known, "gallery_calibration_splits": OPEN_SET_CALIBRATION_SPLITS,
           **{f"gallery_calibration_{name}": report[name] for name in ("known_accuracy", "unknown_rejection_rate")}}
 
 
@@ -977,9 +999,10 @@ def evaluate_workdir(workdir: str | pathlib.Path, *, checkpoint: str = "best", c
   rebuilds the run's splits (the same seeded class splits as training), embeds each test image once and
   reports: N-way K-shot episodes within and across groups (mean and 95 % CI), Lake's 20 runs
   (Omniglot), verification on test pairs at a threshold calibrated on validation pairs (also written to
-  `<workdir>/eval/threshold.json` for the compare/gallery/openset modes), retrieval, and open set
-  (half the test classes known, one gallery image each). `scoring="auto"` uses the Koch head's
-  probability where the model has one, else distances; retrieval always uses distances.
+  `<workdir>/eval/threshold.json` for the compare/gallery/openset modes; calibrated with the run's seed
+  whatever `seed` is), retrieval, and open set (half the test classes known, one gallery image each).
+  `scoring="auto"` uses the Koch head's probability where the model has one, else distances; retrieval
+  always uses distances.
   """
   from siamese_jax import inference
   from siamese_jax.data import pipeline
@@ -1016,8 +1039,10 @@ def evaluate_workdir(workdir: str | pathlib.Path, *, checkpoint: str = "best", c
                                   batch_size=batch_size, pair_score_fn=pair_score_fn, progress=progress,
                                   lap=lap))
 
+  # The thresholds are the model's, not this report's: calibrated with the run's seed, so an eval with
+  # another --seed scores other test episodes against the same threshold.json.
   record = calibrate(model, splits, scoring=scoring, method=threshold_method, target_far=target_far,
-                     num_pairs=num_pairs, seed=seed, batch_size=batch_size, progress=progress)
+                     num_pairs=num_pairs, batch_size=batch_size, progress=progress)
   threshold = similarity_threshold(record)
   lap("calibrate")
   pairs = sample_pairs(test.labels, num_pairs=num_pairs, seed=seed + 1)

@@ -105,6 +105,20 @@ def test_eval_episodes_equal_the_training_report(own_workdir):
   assert results["episodes"] == trained["episodes"]
 
 
+def test_eval_seed_moves_the_test_episodes_not_the_thresholds(own_workdir):
+  # threshold.json is the model's: calibrated on the validation classes with the run's seed, whatever
+  # eval's --seed, so compare/gallery/openset do not change with the seed of the last report.
+  by_seed = []
+  for seed in (1, 2):  # neither is the run's seed (0)
+    results = evaluate.evaluate_workdir(own_workdir, ways=(5,), shots=(1,), num_episodes=50, num_pairs=200,
+                                        seed=seed, progress=False)
+    by_seed.append((results, json.loads((own_workdir / "eval" / "threshold.json").read_text())))
+  (first, first_record), (second, second_record) = by_seed
+  assert first["episodes"] != second["episodes"] and first["seed"] == 1 and second["seed"] == 2
+  assert first_record == second_record == first["verification"]["threshold"]
+  assert first_record["seed"] == 0 and first_record["gallery_calibration_splits"] == 8
+
+
 def test_eval_settings_larger_than_the_split_are_explained(workdir):
   with pytest.raises(UserError, match=f"ways=50: test split has {TEST_CLASSES} classes"):
     evaluate.evaluate_workdir(workdir, ways=(5, 50), shots=(1,), progress=False)

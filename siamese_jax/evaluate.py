@@ -906,7 +906,8 @@ def calibrate_gallery_threshold(embeddings: np.ndarray, labels: np.ndarray, *, s
   `evaluate_workdir`'s open-set protocol (`open_set_split`: half the classes known, one gallery image
   each, nearest image) drawn `splits` times from `seed`, every split's queries pooled into one
   `calibrate_open_set_threshold`: one split's threshold hangs on which classes happened to be known
-  and which image each got; pooling 8 cuts that spread to about a third.
+  and which image each got. Pooling 8 cuts its spread over seeds by about a third (T9's 149 validation
+  classes: standard deviation 0.014 -> 0.009 in distance over 12 seeds; tests/test_evaluate.py).
   """
   split_seeds = np.random.SeedSequence(seed).spawn(splits)
   similarities, query_labels = [], []

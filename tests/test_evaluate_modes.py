@@ -484,21 +484,31 @@ def test_training_report_scores_a_koch_model_with_its_head_like_eval_mode(koch_w
 
 def test_validation_of_a_pair_head_model_compiles_its_head_once(koch_workdir):
   # Validation runs every eval_every steps with new parameters: the head's probability is built once in
-  # setup and reused, so a second validation on other parameters adds no compilation. A model without a
-  # head has none (it is scored by distance).
+  # setup and reused, so a second validation on other parameters compiles nothing (counted with jax's
+  # public compile-time events). A model without a head has none (it is scored by distance).
   config = inference.load_trained_model(koch_workdir).config
   built = train.setup(config)
   embed_fn = models.make_embed_fn(built.graphdef)
   later = built.state.replace(params=jax.tree.map(lambda x: x * 1.5, built.state.params))
-  accuracies = [train.validation_accuracy(embed_fn, state, built.splits.validation, config.eval, seed=0,
-                                          pair_probability=built.pair_probability)
-                for state in (built.state, later)]
+  def validate(state):
+    return train.validation_accuracy(embed_fn, state, built.splits.validation, config.eval, seed=0,
+                                     pair_probability=built.pair_probability)
+  compiles = []
+  def count(event, seconds, **kwargs):
+    compiles.extend([event] if event == "/jax/core/compile/backend_compile_duration" else [])
+  jax.monitoring.register_event_duration_secs_listener(count)
+  try:
+    first = validate(built.state)
+    compiled_first = len(compiles)
+    second = validate(later)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(count)
+  assert compiled_first > 0 and len(compiles) == compiled_first and second != first
   # The same number eval mode's model gives for the step-0 state (scored by its own pair_score_fn).
   model = inference.load_trained_model(koch_workdir)
   validation = pipeline.all_images(built.splits.validation)
-  assert accuracies[0] == pytest.approx(evaluate.validation_accuracy(
+  assert first == pytest.approx(evaluate.validation_accuracy(
       model.embed(validation), built.splits.validation, config.eval, 0, pair_score_fn=model.pair_score_fn))
-  assert built.pair_probability._cache_size() == 1
   config.model.name, config.loss.name = "conv4", "contrastive"  # the same pair batches, no head
   assert train.setup(config).pair_probability is None
 

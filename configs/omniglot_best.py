@@ -1,7 +1,7 @@
 r"""Omniglot, the best prototype-loss result: an ensemble of three variants of `configs/omniglot_cpu_hour.py`.
 
-The best result overall is `configs/omniglot_best_triplet.py` (three triplet-loss networks: validation
-92.62 % against this ensemble's 92.18 %; docs/ablations.md, T7). Nothing here is specific to a CPU, GPU
+The best result overall is `configs/omniglot_best_triplet.py` (four triplet-loss networks: validation
+92.85 % against this ensemble's 92.18 %; docs/ablations.md, T14). Nothing here is specific to a CPU, GPU
 or TPU, but it has only ever run on CPUs.
 Each variant is one member; `--mode=ensemble` combines their best checkpoints (docs/ablations.md, rows
 10-12 and L4):

@@ -90,6 +90,8 @@ def test_best_variants_change_only_their_fields(variant, expected):
                    "data.train_class_rotations": (90, 180, 270)}),
     ("rotations_12k", {"train.num_steps": 12000, "seed": 3, "data.split_seed": 0,
                        "data.train_class_rotations": (90, 180, 270)}),
+    ("rotations_12k_seed4", {"train.num_steps": 12000, "seed": 4, "data.split_seed": 0,
+                             "data.train_class_rotations": (90, 180, 270)}),
 ])
 def test_best_triplet_variants_change_only_their_fields(variant, expected):
   # The networks of docs/ablations.md T5-T9: T3's recipe with 120-way batches, the time limit off, and

@@ -495,7 +495,8 @@ def test_validation_of_a_pair_head_model_compiles_its_head_once(koch_workdir):
                                      pair_probability=built.pair_probability)
   compiles = []
   def count(event, seconds, **kwargs):
-    compiles.extend([event] if event == "/jax/core/compile/backend_compile_duration" else [])
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(event)
   jax.monitoring.register_event_duration_secs_listener(count)
   try:
     first = validate(built.state)

@@ -25,8 +25,8 @@ Commands:
   python launch.py --mode=eval --workdir=runs/t9 --seed=0  # one network: the README's table (episode seed 0; its run's seed is 3)
 Expected (2 CPU cores, Intel Xeon with AVX-512, measured; the members ran with the command-line overrides
 this file sets, and their config.json files equal these variants; rerun from this file, :rotations and
-:rotations_12k_seed4 repeated their whole runs and :t5 its run to step 10,401, best checkpoints equal
-array for array, and :t5_seed1 its recorded losses and validation for its first ~1,200 steps):
+:rotations_12k_seed4 and :t5 repeated their whole runs (:t5 stopped once and resumed), best checkpoints
+equal array for array, and :t5_seed1 its recorded losses and validation for its first ~1,200 steps):
 53 + 57 + 31 + 73 min of training (the last with the test suite beside it for 16 min; 57 min idle in
 its rerun); validation 91.63 / 91.38 / 91.42 / 92.05 % alone, 92.85 % together (the first three: 92.62 %;
 configs/omniglot_best.py: 92.18 %); eval mode there: Lake's 20 runs 96.25 % +- 1.7, 20-way 1-shot

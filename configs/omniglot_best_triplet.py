@@ -43,7 +43,8 @@ VARIANTS = ("t5", "t5_seed1", "rotations", "rotations_12k", "rotations_12k_seed4
 
 
 def get_config(arg: str | None = None):
-  """`arg`: one of VARIANTS (default: the first) or `smoke` (the batches and rotations at smoke size)."""
+  """`arg`: one of VARIANTS (default: the first) or `smoke` (the triplet config's smoke run with
+  2-image classes and rotated characters as extra classes: a few steps, for tests)."""
   variant = arg or VARIANTS[0]
   if variant not in VARIANTS + ("smoke",):
     raise ValueError(f"unknown config variant '{arg}' (known: {', '.join(VARIANTS)}, smoke)")

@@ -19,7 +19,8 @@ Expected (2 CPU cores, measured twice, docs/ablations.md row 6 and "Row 6 from s
 `train.time_limit_minutes` stops (and checkpoints) a slower machine at 60 minutes, before the schedule
 ends: its result is then lower (a 2-core machine with AVX2 only ran 2.35 steps/s, so about 8,500 steps;
 docs/ablations.md, under row 7). Resume it with `--config.train.time_limit_minutes=0` to finish the
-schedule.
+schedule (the limit counts each launch's own training time: resumed without the override, it would
+train up to another 60 minutes).
 
 The same recipe with the triplet loss, `configs/omniglot_triplet.py:cpu_hour` (docs/ablations.md, T3),
 validated higher (91.6 %) and scored Lake's runs 95.5 % +- 2.0 in one run; this prototype-loss config

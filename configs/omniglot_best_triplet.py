@@ -24,11 +24,11 @@ Commands:
   OMNIGLOT_DIR=../shared/data/omniglot python launch.py --config=configs/omniglot_best_triplet.py:rotations_12k --workdir=runs/t9
   python launch.py --mode=eval --workdir=runs/t9 --seed=0  # one network: the README's table (episode seed 0; its run's seed is 3)
 Expected (2 CPU cores, Intel Xeon with AVX-512, measured; the members ran with the command-line overrides
-this file sets, and their config.json files equal these variants; rerun from this file, :rotations and
-:rotations_12k_seed4 and :t5 repeated their whole runs (:t5 stopped once and resumed), best checkpoints
-equal array for array, and :t5_seed1 its recorded losses and validation for its first ~1,200 steps):
+this file sets, and their config.json files equal these variants; rerun from this file, all four
+members repeated their whole runs (:t5 stopped once and resumed), best checkpoints equal array for array,
+and the ensemble and eval commands above on them gave the same report, every figure):
 53 + 57 + 31 + 73 min of training (the last with the test suite beside it for 16 min; 57 min idle in
-its rerun); validation 91.63 / 91.38 / 91.42 / 92.05 % alone, 92.85 % together (the first three: 92.62 %;
+its rerun, and the second 50 min); validation 91.63 / 91.38 / 91.42 / 92.05 % alone, 92.85 % together (the first three: 92.62 %;
 configs/omniglot_best.py: 92.18 %); eval mode there: Lake's 20 runs 96.25 % +- 1.7, 20-way 1-shot
 within alphabet 88.4 % +- 0.5 (88.0 / 88.4 % with --seed=1 / 2), unstructured 96.8 % +- 0.2, Vinyals
 test 20-way 1-shot 97.1 % +- 0.2 (97.3 / 97.1 %). `:rotations_12k` alone: 60 min of training, best

@@ -31,8 +31,8 @@ and the ensemble and eval commands above on them gave the same report, every fig
 its rerun, and the second 50 min); validation 91.63 / 91.38 / 91.42 / 92.05 % alone, 92.85 % together (the first three: 92.62 %;
 configs/omniglot_best.py: 92.18 %); eval mode there: Lake's 20 runs 96.25 % +- 1.7, 20-way 1-shot
 within alphabet 88.4 % +- 0.5 (88.0 / 88.4 % with --seed=1 / 2), unstructured 96.8 % +- 0.2, Vinyals
-test 20-way 1-shot 97.1 % +- 0.2 (97.3 / 97.1 %). `:rotations_12k` alone: 60 min of training, best
-validation 91.82 % at step 11000; eval mode there: Lake's 20 runs 96.5 % +- 1.9, within alphabet
+test 20-way 1-shot 97.1 % +- 0.2 (97.3 / 97.1 %). `:rotations_12k` alone: 60 min of training (54 min in
+its rerun, which repeated it: checkpoints equal array for array), best validation 91.82 % at step 11000; eval mode there: Lake's 20 runs 96.5 % +- 1.9, within alphabet
 87.3 % +- 0.6, unstructured 96.3 % +- 0.3, Vinyals test 97.0 % +- 0.2. `:rotations_12k_seed4` alone:
 validation 92.05 %, Lake's runs 95.7 % +- 2.2, within alphabet 87.1 % +- 0.6, Vinyals test 96.7 % +- 0.2.
 """

@@ -11,7 +11,8 @@ Commands:
   python launch.py --mode=eval --workdir=runs/triplet      # the README's table (best checkpoint)
   OMNIGLOT_DIR=../shared/data/omniglot python launch.py --config=configs/omniglot_triplet.py:cpu_hour --workdir=runs/triplet_cpu_hour
       # the same loss and head on configs/omniglot_cpu_hour.py's recipe (docs/ablations.md, T3)
-Expected (2 CPU cores, Intel Xeon with AVX-512, measured once): 16.2 min of training; best validation
+Expected (2 CPU cores, Intel Xeon with AVX-512; rerun once with the same figures: docs/ablations.md,
+"T2 rerun"): 16.2 min of training (17.9 in the rerun); best validation
 88.6 % at step 3500 (the main job's recipe with the prototype loss: 84.9 %); eval mode there: Lake's 20
 runs 92.0 % +- 2.5, 20-way 1-shot within alphabet 81.4 % +- 0.7, unstructured 93.9 % +- 0.3, Vinyals
 test 20-way 1-shot 93.8 % +- 0.3. `:cpu_hour` (measured once, same machine): its 60-minute limit stopped

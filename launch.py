@@ -260,7 +260,8 @@ def print_results(results: dict) -> None:
   where = f" ({checkpoint['path']}, {checkpoint['selected_by']})" if checkpoint else ""
   members = (checkpoint or {}).get("members")  # an ensemble: each member's own step
   at = f"steps {' / '.join(str(m['step']) for m in members)}" if members else f"step {results.get('step')}"
-  lines = [f"Results at {at}{where}:"]
+  seed = f", episode seed {results['seed']}" if "seed" in results else ""  # eval's --seed; the run's by default
+  lines = [f"Results at {at}{where}{seed}:"]
   if "accuracy" in results.get("lake_runs", {}):
     lake = results["lake_runs"]
     interval = f" +- {100 * lake['ci95']:.1f}" if "ci95" in lake else ""  # absent from older results

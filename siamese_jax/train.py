@@ -499,7 +499,7 @@ def final_report(embed_fn, state: TrainState, splits: pipeline.Splits, config, *
   if len(test):
     embeddings = evaluate.embed_images(embed_fn, variables_of(state), pipeline.all_images(test),
                                        eval_config.batch_size, progress=jax.process_index() == 0)
-  return {"step": step, **evaluate.one_shot_results(
+  return {"step": step, "seed": config.seed, **evaluate.one_shot_results(
       embed_fn, variables_of(state), splits, embeddings, config, ways=tuple(eval_config.test_ways),
       shots=tuple(eval_config.test_shots), queries=eval_config.queries_per_class,
       num_episodes=eval_config.test_episodes, seed=config.seed, batch_size=eval_config.batch_size,

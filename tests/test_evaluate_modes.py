@@ -72,10 +72,11 @@ def test_eval_mode_writes_results_json(own_workdir):
   environment = dict(os.environ, JAX_PLATFORMS="cpu")
   environment.pop("XLA_FLAGS", None)
   done = subprocess.run([sys.executable, "launch.py", "--mode=eval", f"--workdir={own_workdir}",
-                         "--episodes=100", "--checkpoint=latest"], cwd=REPO, env=environment,
+                         "--episodes=100", "--checkpoint=latest", "--seed=3"], cwd=REPO, env=environment,
                         capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "Results at step 12" in done.stdout
+  assert "episode seed 3:" in done.stdout  # the header names the episodes' seed (the run's is 0)
   assert "unstructured 20way5shot:" in done.stdout and "+-" in done.stdout
   assert "verification: ROC-AUC" in done.stdout and "retrieval: P@1" in done.stdout
   results = json.loads((own_workdir / "eval" / "results.json").read_text())
@@ -102,7 +103,7 @@ def test_eval_episodes_equal_the_training_report(own_workdir):
   trained = json.loads((own_workdir / "results.json").read_text())
   results = evaluate.evaluate_workdir(own_workdir, checkpoint="latest", ways=(5,), shots=(1,),
                                       num_episodes=50, num_pairs=200, progress=False)
-  assert results["episodes"] == trained["episodes"]
+  assert results["episodes"] == trained["episodes"] and results["seed"] == trained["seed"] == 0
 
 
 def test_eval_seed_moves_the_test_episodes_not_the_thresholds(own_workdir):

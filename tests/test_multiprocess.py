@@ -25,11 +25,12 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_STEPS = 8
-# How long the coordination service waits for a silent process in these tests. When a process dies, the
-# survivor's next collective fails at once and says so in one line; the heartbeat timeout must leave it
-# the time to get there on a loaded 2-core machine (at 10 s it once lost the race in CI, and JAX's
-# heartbeat abort, a C++ stack trace, came first).
-HEARTBEAT_SECONDS = 30
+# How long the coordination service waits for a silent process in these tests: the product's default.
+# When a process dies, the survivor's next collective fails and says so in one line; where that
+# collective first sets up its gloo connections it can wait up to gloo's 30 s for the dead peer before
+# it fails. The heartbeat timeout must outlast that, or JAX's heartbeat abort (a C++ stack trace) comes
+# first: at 10 s, and at 30 s (a tie with gloo's wait), it did so in CI.
+HEARTBEAT_SECONDS = 60  # = distributed.DEFAULT_HEARTBEAT_TIMEOUT_SECONDS (not imported: the worker sets up JAX first)
 
 # Two processes sum gradients and BatchNorm statistics with gloo, in another order than one process's
 # all-reduce: the results differ in the last float32 bit. The smoke model at full width turns such bits

@@ -15,8 +15,8 @@ A process that dies (OOM, kill -9, a lost host) must not leave the others blocke
 JAX's coordination service declares a process dead when its heartbeats stop for `heartbeat_timeout_seconds`,
 and then terminates the survivors with an error that says so. The default here (60 s) is shorter than JAX's
 (100 s), long enough for a slow step or a garbage-collection pause, and longer than gloo's 30 s wait for a
-peer when a collective first connects: the survivor's own collective fails first and `peer_failure` turns
-that into one line (a heartbeat abort is a C++ stack trace).
+peer when a collective first connects, so that the survivor's own collective can fail first and
+`peer_failure` turn that into one line (a heartbeat abort is a C++ stack trace).
 """
 
 from __future__ import annotations

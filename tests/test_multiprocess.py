@@ -25,12 +25,6 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_STEPS = 8
-# How long the coordination service waits for a silent process in these tests: the product's default.
-# When a process dies, the survivor's next collective fails and says so in one line; where that
-# collective first sets up its gloo connections it can wait up to gloo's 30 s for the dead peer before
-# it fails. The heartbeat timeout must outlast that, or JAX's heartbeat abort (a C++ stack trace) comes
-# first: at 10 s, and at 30 s (a tie with gloo's wait), it did so in CI.
-HEARTBEAT_SECONDS = 60  # = distributed.DEFAULT_HEARTBEAT_TIMEOUT_SECONDS (not imported: the worker sets up JAX first)
 
 # Two processes sum gradients and BatchNorm statistics with gloo, in another order than one process's
 # all-reduce: the results differ in the last float32 bit. The smoke model at full width turns such bits
@@ -85,7 +79,7 @@ def worker_main(argv: list[str]) -> None:
 
   if args.num_processes > 1:
     distributed.initialize(f"127.0.0.1:{args.port}", args.num_processes, args.process_id,
-                           heartbeat_timeout_seconds=HEARTBEAT_SECONDS)
+                           heartbeat_timeout_seconds=distributed.DEFAULT_HEARTBEAT_TIMEOUT_SECONDS)
   overrides = dict(OVERRIDES)
   for item in args.set:
     key, value = item.split("=", 1)
@@ -211,6 +205,13 @@ def largest_difference(a, b) -> float:
 
 from siamese_jax import distributed  # noqa: E402
 from siamese_jax.errors import UserError  # noqa: E402
+
+# How long the coordination service waits for a silent process in these tests: the product's default.
+# When a process dies, the survivor's next collective fails and says so in one line; where that
+# collective first sets up its gloo connections it can wait up to gloo's 30 s for the dead peer before
+# it fails. The heartbeat timeout must outlast that, or JAX's heartbeat abort (a C++ stack trace) comes
+# first: at 10 s, and at 30 s (a tie with gloo's wait), it did so in CI.
+HEARTBEAT_SECONDS = distributed.DEFAULT_HEARTBEAT_TIMEOUT_SECONDS
 
 
 @pytest.fixture

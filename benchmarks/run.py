@@ -50,8 +50,8 @@ SUITES = {
 # 128 explicit triplets (384 images) with the plain triplet loss.
 TRAIN_CASES = (
     ("omniglot (conv4, prototypical)", "omniglot", {}),
-    ("omniglot_triplet (conv4, triplet semi-hard)", "omniglot_triplet", {}),
-    ("conv4, 128 triplets (issue target)", "omniglot_triplet",
+    ("omniglot_triplet (conv4, triplet semi-hard)", "ablations.omniglot_triplet", {}),
+    ("conv4, 128 triplets (issue target)", "ablations.omniglot_triplet",
      {"sampling.kind": "triplets", "sampling.batch_size": 128, "loss.mining": "none"}),
     ("omniglot_koch (Koch, 105x105)", "omniglot_koch", {}),
 )

@@ -1,12 +1,8 @@
-r"""Omniglot, fast default for CPU: 4-block conv embedding at 28x28, prototype loss on m-per-class batches.
+r"""Omniglot, the fast default (the main job): 4-block conv at 28x28, prototype loss on m-per-class batches.
 
-Command (the README's main job):
   OMNIGLOT_DIR=../shared/data/omniglot python launch.py --config=configs/omniglot.py --workdir=runs/omniglot
-Expected (2 CPU cores, measured twice): 10.8-12.1 min of training (11-13 min wall); the report at the end
-(step 4000): Lake's 20 runs 90.5 % +- 2.9, 20-way 1-shot within-alphabet 77.4 % +- 0.7 and unstructured
-91.9 % +- 0.4 on the evaluation alphabets; `--mode=eval` (best checkpoint, step 3500): 90.3 % +- 2.7,
-77.1 % +- 0.7, 91.8 % +- 0.4, Vinyals test 20-way 1-shot 91.6 % +- 0.4 (the README table).
-`:smoke` shrinks everything to seconds for tests and CI:
+Expected (rendered by results/render.py): -
+Every other config starts from this one and changes a few fields. `:smoke` shrinks it to seconds:
   python launch.py --config=configs/omniglot.py:smoke --workdir=/tmp/smoke
 """
 

@@ -1,10 +1,9 @@
 r"""Koch et al. 2015 on Omniglot: 105x105 pairs, weighted-L1 + BCE, SGD with momentum, 1 % lr decay per epoch.
 
-The paper's setting, meant for a GPU/TPU (10.7 GFLOP per pair for forward+backward by XLA's count: 25 pairs/s on 2 CPU cores).
-Command:
+The paper's setting, meant for a GPU/TPU (speed on a CPU: benchmarks/README.md).
   OMNIGLOT_DIR=../shared/data/omniglot python launch.py --config=configs/omniglot_koch.py --workdir=runs/koch
-Expected: not yet measured on an accelerator (the paper reports 92.0 % on Lake's runs, trained on 40 alphabets).
-`:smoke` runs a few steps at 105x105 on CPU in about a minute.
+Expected (rendered by results/render.py): -
+`:smoke` runs a few steps at 105x105 on a CPU.
 """
 
 from configs import omniglot

@@ -168,14 +168,14 @@ def test_missing_config_file_is_named(tmp_path):
   result = run_launch(["--config=configs/omniglot_tripplet.py"], tmp_path)
   line = assert_user_error_exit(result)
   assert line.startswith("error: --config=configs/omniglot_tripplet.py: no config file 'configs/omniglot_tripplet.py'")
-  assert "configs/omniglot_triplet.py" in line  # the shipped configs, to pick from
+  assert "configs/omniglot_hour.py" in line  # the shipped configs, to pick from
 
 
 def test_unknown_config_variant_is_named(tmp_path):
-  result = run_launch(["--config=configs/omniglot_best.py:rotation"], tmp_path)
+  result = run_launch(["--config=configs/ablations/omniglot_best.py:rotation"], tmp_path)
   line = assert_user_error_exit(result)
-  assert line == ("error: --config=configs/omniglot_best.py:rotation: unknown config variant 'rotation' "
-                  "(known: batches120, rotations, both, smoke)")
+  assert line == ("error: --config=configs/ablations/omniglot_best.py:rotation: unknown config variant 'rotation' "
+                  "(known: batches120, rotations, rotations_batches120, smoke)")
 
 
 def test_misspelled_sub_config_field_on_command_line(tmp_path):

@@ -182,7 +182,7 @@ def test_batch_hard_collapse_is_warned_about_in_the_training_log(omniglot_dir, t
   """On real Omniglot, batch-hard mining from initialisation collapses the smoke triplet run (as it did
   the full config, docs/ablations.md T0): by step 120 both mean distances are near 0.01 against a
   margin of 0.2. The trainer says so once, naming the fix, and still finishes the run."""
-  command = [sys.executable, str(REPO / "launch.py"), "--config=configs/omniglot_triplet.py:smoke",
+  command = [sys.executable, str(REPO / "launch.py"), "--config=configs/ablations/omniglot_triplet.py:smoke",
              f"--workdir={tmp_path}", "--config.loss.mining=batch_hard", "--config.train.num_steps=120",
              f"--config.data.cache_dir={cache_dir}"]
   done = subprocess.run(command, cwd=REPO, env=environment(omniglot_dir), capture_output=True, text=True,

@@ -1,7 +1,7 @@
 r"""Any image-folder dataset (one sub-folder per class, or group/class), classes split by a seeded draw.
 
   python launch.py --config=configs/folder.py --config.data.path=/path/to/images --workdir=runs/folder
-Expected (rendered by results/render.py): -
+Expected [results/render.py]: depends on your data; measured configs: docs/results.md.
 Defaults suit small colour images (64x64 RGB, small ResNet, triplet loss with semi-hard mining).
 `:smoke` runs in seconds on a tiny folder (the tests make one).
 """

@@ -3,7 +3,7 @@ r"""Omniglot, the best result: four triplet networks of configs/omniglot_best_si
   OMNIGLOT_DIR=../shared/data/omniglot python launch.py --config=configs/omniglot_best_ensemble.py --workdir=runs/best
 Trains each member into runs/best/members/<name> (run again: resumes the unfinished one), then combines their
 best checkpoints into runs/best/ensemble.json; every mode on a trained workdir works on runs/best.
-Expected (rendered by results/render.py): -
+Expected [results/render.py]: 214 min (53 + 57 + 31 + 73) of training on 2 CPU cores; figures in docs/results.md.
 One member alone: `--config=configs/omniglot_best_ensemble.py:<name>`, a name of MEMBERS. `:smoke`: two tiny members.
 """
 

@@ -3,7 +3,7 @@ x 2 images), every train character also turned by 90/180/270 degrees as classes 
 
   OMNIGLOT_DIR=../shared/data/omniglot python launch.py --config=configs/omniglot_best_single.py --workdir=runs/single
   python launch.py --mode=eval --workdir=runs/single --seed=0   # the run's seed is 3; docs/results.md uses 0
-Expected (rendered by results/render.py): -
+Expected [results/render.py]: 60 min of training on 2 CPU cores; figures in docs/results.md.
 No time limit: a slower machine still finishes the schedule. `:smoke` runs in seconds.
 """
 

@@ -2,7 +2,7 @@ r"""Omniglot, the best single network in an hour of CPU: the fast default with a
 in training and at test time, 15,000 steps, and a semi-hard triplet loss on 128-d L2-normalised embeddings.
 
   OMNIGLOT_DIR=../shared/data/omniglot python launch.py --config=configs/omniglot_hour.py --workdir=runs/hour
-Expected (rendered by results/render.py): -
+Expected [results/render.py]: 60 min of training on 2 CPU cores (step 13,388 of 15,000); figures in docs/results.md.
 `train.time_limit_minutes` stops (and checkpoints) a slower machine at 60 minutes, before the schedule ends;
 resume with `--config.train.time_limit_minutes=0` to finish it. `:smoke` runs in seconds.
 """

@@ -2,7 +2,7 @@ r"""Koch et al. 2015 on Omniglot: 105x105 pairs, weighted-L1 + BCE, SGD with mom
 
 The paper's setting, meant for a GPU/TPU (speed on a CPU: benchmarks/README.md).
   OMNIGLOT_DIR=../shared/data/omniglot python launch.py --config=configs/omniglot_koch.py --workdir=runs/koch
-Expected (rendered by results/render.py): -
+Expected [results/render.py]: not measured; measured configs: docs/results.md.
 `:smoke` runs a few steps at 105x105 on a CPU.
 """
 

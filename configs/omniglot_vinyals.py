@@ -2,7 +2,7 @@ r"""Omniglot on Vinyals et al.'s split: 1,028 + 172 characters x 4 rotations to 
 to test, 28x28, unstructured episodes (the protocol of matching and prototypical networks).
 
   OMNIGLOT_DIR=../shared/data/omniglot python launch.py --config=configs/omniglot_vinyals.py --workdir=runs/vinyals
-Expected (rendered by results/render.py): -
+Expected [results/render.py]: 48 min of training on 2 CPU cores; figures in docs/results.md.
 The hour's shifts (+-3 px in training and at test time) without its alphabet batches: the test is not within one
 alphabet. Lake's runs are not scored: this split trains on characters of the alphabets they are drawn from.
 Three such networks as one model: configs/omniglot_vinyals_ensemble.py. `:smoke` runs in seconds.

@@ -3,7 +3,7 @@ r"""Omniglot on Vinyals et al.'s split, the best result: three variants of confi
   OMNIGLOT_DIR=../shared/data/omniglot python launch.py --config=configs/omniglot_vinyals_ensemble.py --workdir=runs/ve
 Trains each member into runs/ve/members/<name> (run again: resumes the unfinished one), then combines their
 best checkpoints into runs/ve/ensemble.json; every mode on a trained workdir works on runs/ve.
-Expected (rendered by results/render.py): -
+Expected [results/render.py]: 257 min (86 + 113 + 58) of training on 2 CPU cores; figures in docs/results.md.
 One member alone: `--config=configs/omniglot_vinyals_ensemble.py:<name>`, a name of MEMBERS. `:smoke`: two tiny members.
 """
 

@@ -72,7 +72,7 @@ def test_header_is_short_and_has_the_rendered_expected_line(name):
   docstring = ast.get_docstring(ast.parse(path.read_text()), clean=False)
   assert docstring is not None, f"{path.name} has no header"
   assert len(docstring.splitlines()) <= MAX_HEADER_LINES, f"configs/{name}.py: header over {MAX_HEADER_LINES} lines"
-  assert sum(line.startswith("Expected (rendered by results/render.py): ") for line in docstring.splitlines()) == 1
+  assert sum(line.startswith("Expected [results/render.py]: ") for line in docstring.splitlines()) == 1
 
 
 @pytest.mark.parametrize("name", ENSEMBLES)

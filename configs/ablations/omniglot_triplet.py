@@ -1,7 +1,7 @@
 r"""Ablation: the fast default (configs/omniglot.py) with configs/omniglot_hour.py's semi-hard triplet loss.
 
   python launch.py --config=configs/ablations/omniglot_triplet.py --workdir=runs/triplet
-Expected (rendered by results/render.py): -
+Expected [results/render.py]: 16.2 min of training on 2 CPU cores; figures in docs/results.md.
 `:cpu_hour` is the same loss on the hour's recipe: configs/omniglot_hour.py itself. `:smoke` runs in seconds.
 """
 

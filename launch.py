@@ -23,14 +23,19 @@ import pathlib
 import re
 import sys
 
-# Before JAX starts: XLA:CPU's YNNPACK convolution fusions are slow on these CPUs (GUIDE section 4,
-# 3.4x slower train step); an empty fusion type turns them off. A user-set XLA_FLAGS is left alone.
+# Before JAX starts (the siamese_jax imports below start it): XLA:CPU's YNNPACK convolution fusions are
+# slow for these convolutions on CPU; an empty fusion type turns them off. A user-set XLA_FLAGS is left alone.
 if "XLA_FLAGS" not in os.environ:
   os.environ["XLA_FLAGS"] = "--xla_cpu_experimental_ynn_fusion_type="
 
 from absl import app, flags, logging  # noqa: E402
 import ml_collections  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from siamese_jax import distributed, train  # noqa: E402
+from siamese_jax.errors import UserError  # noqa: E402
+from siamese_jax.modes import ensemble, evaluate, export, gallery, plots  # noqa: E402
+from siamese_jax.modes.report import print_mapping, print_results  # noqa: E402
 
 MODES = ("train", "eval", "calibrate", "export", "compare", "gallery", "openset", "plots", "ensemble")
 
@@ -41,7 +46,7 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, the re
 flags.DEFINE_enum("mode", "train", MODES, "train (then evaluate on the test classes) | eval | calibrate | export | "
                   "compare | gallery | openset | plots | ensemble: see the module docstring.")
 flags.mark_flags_as_required(["workdir"])
-# Training on several processes (several hosts, or one process per GPU): README "Scaling out".
+# Training on several processes (several hosts, or one process per GPU): docs/scaling.md.
 flags.DEFINE_string("coordinator_address", None, "train on several processes: host:port where process 0 listens "
                     "(or $JAX_COORDINATOR_ADDRESS). Unset, and no SLURM/TPU cluster detected: one process.")
 flags.DEFINE_integer("num_processes", None, "train on several processes: how many (or $JAX_NUM_PROCESSES).")
@@ -86,15 +91,11 @@ flags.DEFINE_integer("batch_size", None, "Images embedded per call (default: the
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from siamese_jax import distributed
-  from siamese_jax.errors import UserError
-
   FLAGS = flags.FLAGS
   config, workdir, mode = FLAGS.config, FLAGS.workdir, FLAGS.mode
   common = dict(checkpoint=FLAGS.checkpoint, config=config)
   try:
     if mode == "train":
-      from siamese_jax import train
       if config is None:
         raise UserError("--config is required to train (e.g. --config=configs/omniglot.py).")
       # Before anything touches a device: every process then sees the devices of all.
@@ -104,7 +105,6 @@ def main(argv):
       if distributed.is_main_process():
         print_results(results)
     elif mode == "eval":
-      from siamese_jax import evaluate
       results = evaluate.evaluate_workdir(
           workdir, ways=integers(FLAGS.ways, "ways"), shots=integers(FLAGS.shots, "shots"),
           num_episodes=FLAGS.episodes, queries_per_class=FLAGS.queries_per_class, seed=FLAGS.seed,
@@ -112,31 +112,25 @@ def main(argv):
           num_pairs=FLAGS.pairs, batch_size=FLAGS.batch_size, **common)
       print_results(results)
     elif mode == "calibrate":
-      from siamese_jax import evaluate
       print_mapping(evaluate.calibrate_workdir(
           workdir, scoring=FLAGS.scoring, method=FLAGS.threshold_method, target_far=FLAGS.target_far,
           num_pairs=FLAGS.pairs, batch_size=FLAGS.batch_size, **common))
     elif mode == "export":
-      from siamese_jax import export
       print_mapping(export.export_workdir(workdir, split=FLAGS.split, images=FLAGS.images, output=FLAGS.output,
                                           invert=FLAGS.invert, batch_size=FLAGS.batch_size, **common))
     elif mode == "compare":
-      from siamese_jax import inference
       require("compare", image1=FLAGS.image1, image2=FLAGS.image2)
-      print_mapping(inference.compare_images(workdir, FLAGS.image1, FLAGS.image2, invert=FLAGS.invert,
-                                             threshold=FLAGS.threshold, **common))
+      print_mapping(gallery.compare_images(workdir, FLAGS.image1, FLAGS.image2, invert=FLAGS.invert,
+                                           threshold=FLAGS.threshold, **common))
     elif mode in ("gallery", "openset"):
-      from siamese_jax import inference
       require(mode, gallery=FLAGS.gallery, queries=FLAGS.queries)
-      run = inference.classify_gallery if mode == "gallery" else inference.open_set
+      run = gallery.classify_gallery if mode == "gallery" else gallery.open_set
       print_mapping(run(workdir, FLAGS.gallery, FLAGS.queries, method=FLAGS.method, output=FLAGS.output,
                         invert=FLAGS.invert, threshold=FLAGS.threshold, **common))
     elif mode == "plots":
-      from siamese_jax import plots
       print_mapping(plots.plot_workdir(workdir, output=FLAGS.output, num_pairs=FLAGS.pairs, seed=FLAGS.seed,
                                        batch_size=FLAGS.batch_size, **common))
     elif mode == "ensemble":
-      from siamese_jax import ensemble
       require("ensemble", members=FLAGS.members)
       print_mapping(ensemble.make_ensemble(workdir, FLAGS.members, checkpoint=FLAGS.checkpoint,
                                            batch_size=FLAGS.batch_size))
@@ -151,7 +145,6 @@ def main(argv):
 
 
 def integers(values: list[str], name: str) -> tuple[int, ...]:
-  from siamese_jax.errors import UserError
   try:
     parsed = tuple(int(v) for v in values)
   except ValueError:
@@ -162,7 +155,6 @@ def integers(values: list[str], name: str) -> tuple[int, ...]:
 
 
 def require(mode: str, **values) -> None:
-  from siamese_jax.errors import UserError
   missing = [f"--{name}" for name, value in values.items() if not value]
   if missing:
     raise UserError(f"--mode={mode} needs {' and '.join(missing)}.")
@@ -253,64 +245,6 @@ def unknown_override_message(argv: list[str]) -> str | None:
                 f"its fields are: {', '.join(fields)}.{hint}")
       node = node[part]
   return None
-
-
-def print_results(results: dict) -> None:
-  checkpoint = results.get("checkpoint")
-  where = f" ({checkpoint['path']}, {checkpoint['selected_by']})" if checkpoint else ""
-  members = (checkpoint or {}).get("members")  # an ensemble: each member's own step
-  at = f"steps {' / '.join(str(m['step']) for m in members)}" if members else f"step {results.get('step')}"
-  seed = f", episode seed {results['seed']}" if "seed" in results else ""  # eval's --seed; the run's by default
-  lines = [f"Results at {at}{where}{seed}:"]
-  if "accuracy" in results.get("lake_runs", {}):
-    lake = results["lake_runs"]
-    interval = f" +- {100 * lake['ci95']:.1f}" if "ci95" in lake else ""  # absent from older results
-    lines.append(f"  Lake's 20 runs (20-way 1-shot, within alphabet): {100 * lake['accuracy']:.1f} %{interval}")
-  for mode, settings in results.get("episodes", {}).items():
-    for setting, value in settings.items():
-      if "mean" in value:
-        lines.append(f"  {mode:>12} {setting:>10}: {100 * value['mean']:.1f} % +- {100 * value['ci95']:.1f}")
-      else:
-        lines.append(f"  {mode:>12} {setting:>10}: skipped ({value.get('skipped')})")
-  for setting, value in results.get("vinyals", {}).items():
-    if "mean" in value:
-      lines.append(f"  {'Vinyals test':>12} {setting:>10}: {100 * value['mean']:.1f} % +- {100 * value['ci95']:.1f}")
-  if "verification" in results:
-    test, threshold = results["verification"]["test"], results["verification"]["threshold"]
-    lines.append(f"  verification: ROC-AUC {test['roc_auc']:.4f}, EER {100 * test['eer']:.2f} %, accuracy "
-                 f"{100 * test['accuracy_at_threshold']:.1f} % at the {threshold['scoring']} threshold "
-                 f"{threshold['threshold']:.4g} (calibrated on {threshold['calibrated_on']} pairs)")
-  if "retrieval" in results:
-    retrieval = results["retrieval"]
-    recall = ", ".join(f"R@{k} {100 * v:.1f} %" for k, v in retrieval["recall_at_k"].items())
-    lines.append(f"  retrieval: P@1 {100 * retrieval['precision_at_1']:.1f} %, {recall}, "
-                 f"MAP@R {100 * retrieval['map_at_r']:.1f} %")
-  if "known_accuracy" in results.get("open_set", {}):
-    open_set = results["open_set"]
-    gallery_threshold = results.get("verification", {}).get("threshold", {}).get("gallery_threshold")
-    at = f" at the gallery threshold {gallery_threshold:.4g}" if gallery_threshold is not None else ""
-    lines.append(f"  open set: known accuracy {100 * open_set['known_accuracy']:.1f} %, unknown rejected "
-                 f"{100 * open_set['unknown_rejection_rate']:.1f} %{at}")
-  if "seconds" in results:
-    lines.append(f"  took {results['seconds']['total']:.1f} s")
-  if "written" in results:
-    lines.append(f"  written to {results['written']}")
-  print("\n".join(lines), flush=True)
-
-
-def print_mapping(result: dict, indent: str = "") -> None:
-  """A mode's summary dict, one `key: value` per line (nested dicts indented)."""
-  for key, value in result.items():
-    if isinstance(value, dict):
-      print(f"{indent}{key}:")
-      print_mapping(value, indent + "  ")
-    elif isinstance(value, list):
-      print(f"{indent}{key}: " + ("" if value else "[]"))
-      for item in value:
-        print(f"{indent}  - {item}")
-    else:
-      print(f"{indent}{key}: {value:.6g}" if isinstance(value, float) else f"{indent}{key}: {value}")
-  sys.stdout.flush()
 
 
 if __name__ == "__main__":

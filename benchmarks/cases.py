@@ -1,7 +1,7 @@
 """The benchmark cases: train step, loader, loader-fed step, evaluation, device scaling.
 
 Each case builds what it needs through the library's own entry points (`train.setup`,
-`pipeline.train_dataset`, `evaluate.embed_images`, ...), so what is timed is what training and
+`pipeline.train_dataset`, `embedding.embed_images`, ...), so what is timed is what training and
 evaluation run, and returns a flat dict of numbers that `run.py` prints and writes to JSON.
 """
 
@@ -19,8 +19,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from siamese_jax import evaluate, models, train
+from siamese_jax import models, train
 from siamese_jax.data import pipeline, sampling
+from siamese_jax.metrics import embedding, lake
+from siamese_jax.metrics import episodes as episode_metrics
 
 import common
 
@@ -315,7 +317,7 @@ def evaluation_cases(label: str, config: ml_collections.ConfigDict, *, warmup: i
   if embed_limit:
     images = images[:embed_limit]
   batch_size = config.eval.batch_size
-  embed = lambda: evaluate.embed_images(embed_fn, variables, images, batch_size)  # noqa: E731
+  embed = lambda: embedding.embed_images(embed_fn, variables, images, batch_size)  # noqa: E731
   timing = common.time_repeated(embed, warmup=warmup, repeats=repeats)
   cases = [{"case": f"{label}: embed test images", "model": config.model.name,
             "image_size": config.data.image_size, "images": len(images), "eval_batch": batch_size,
@@ -325,7 +327,7 @@ def evaluation_cases(label: str, config: ml_collections.ConfigDict, *, warmup: i
   embeddings = embed()
   if built.splits.lake_runs:
     runs = built.splits.lake_runs
-    timing = common.time_repeated(lambda: evaluate.lake_runs_accuracy(embed_fn, variables, runs),
+    timing = common.time_repeated(lambda: lake.lake_runs_accuracy(embed_fn, variables, runs),
                                   warmup=warmup, repeats=repeats)
     cases.append({"case": f"{label}: Lake's {len(runs)} runs (embed + score)", "model": config.model.name,
                   "images": sum(len(r.training) + len(r.test) for r in runs), **timing.as_dict()})
@@ -334,14 +336,14 @@ def evaluation_cases(label: str, config: ml_collections.ConfigDict, *, warmup: i
   within_group = bool(np.bincount(test.class_groups).max() >= ways)
 
   def sample():
-    return evaluate.sample_episodes(test.labels, test.class_groups, ways=ways, shots=1, queries=1,
-                                    num_episodes=num_episodes, seed=config.seed, within_group=within_group)
+    return episode_metrics.sample_episodes(test.labels, test.class_groups, ways=ways, shots=1, queries=1,
+                                           num_episodes=num_episodes, seed=config.seed, within_group=within_group)
 
   episodes = sample()
   sample_timing = common.time_repeated(sample, warmup=warmup, repeats=repeats)
-  score_timing = common.time_repeated(lambda: evaluate.episode_accuracies(embeddings, episodes),
+  score_timing = common.time_repeated(lambda: episode_metrics.episode_accuracies(embeddings, episodes),
                                       warmup=warmup, repeats=repeats)
-  total_timing = common.time_repeated(lambda: evaluate.episode_accuracies(embeddings, sample()),
+  total_timing = common.time_repeated(lambda: episode_metrics.episode_accuracies(embeddings, sample()),
                                       warmup=0, repeats=repeats)
   kind = "within-group" if within_group else "any-class"
   cases.append({"case": f"{label}: {num_episodes} {ways}-way 1-shot {kind} episodes (sample + score)",

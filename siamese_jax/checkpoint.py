@@ -10,13 +10,19 @@ checkpoints untouched and the partial one is never taken for a finished one.
 
 Kept: the last `max_to_keep` steps plus the best one by validation accuracy (also across restarts:
 the accuracy is stored in the step's directory).
+
+Every rule about checkpoints on disk lives here: which steps are complete (`complete_steps`), which one
+is best (`select_checkpoint`, by `BEST_METRIC`), restoring for a resume (`Checkpointer.restore_latest`)
+and restoring a model's variables alone for evaluation (`restore_variables`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
+import os
 import pathlib
 import re
 import shutil
@@ -31,7 +37,8 @@ from orbax.checkpoint import checkpoint_managers
 
 from siamese_jax.errors import UserError
 
-BEST_METRIC = "validation_accuracy"
+BEST_METRIC = "validation_accuracy"  # saved with a step's metrics; "best" checkpoints are chosen by it
+CHECKPOINT_CHOICES = ("best", "latest")
 
 # Room asked for besides the arrays when checking for free space: Orbax's metadata, the JSON items.
 _METADATA_BYTES = 1 << 20
@@ -255,14 +262,104 @@ class StateMismatch(UserError):
                      f"{'; '.join(differences[:shown])}{more}")
 
 
-def complete_steps(directory: str | pathlib.Path) -> list[int]:
-  """Steps whose checkpoint finished writing, read from the disk (a save still in flight, or one that
-  failed, is in a temporary directory whose name is not all digits)."""
+def complete_steps(directory: str | pathlib.Path, *, with_state: bool = False) -> list[int]:
+  """Steps whose checkpoint finished writing, read from the disk: the all-digit directory names.
+
+  A save still in flight, or one that failed, is in a temporary directory whose name is not all digits,
+  and a step a resume set aside is `<step>.unreadable`. `with_state`: only steps holding a `state` item,
+  the one a trained model is restored from. A missing or unreadable directory holds no steps.
+  """
   directory = pathlib.Path(directory)
   try:
-    return sorted(int(path.name) for path in directory.iterdir() if path.name.isdigit())
+    entries = list(directory.iterdir())
   except OSError:
     return []
+  return sorted(int(path.name) for path in entries if path.name.isascii() and path.name.isdigit()
+                and (not with_state or (path / "state").is_dir()))
+
+
+def validation_accuracy(step_dir: str | pathlib.Path) -> float | None:
+  """The validation accuracy saved with a step (`<step>/metrics/metrics`), None when it has none."""
+  try:
+    value = json.loads((pathlib.Path(step_dir) / "metrics" / "metrics").read_text()).get(BEST_METRIC)
+  except (OSError, ValueError, AttributeError):
+    return None
+  return float(value) if isinstance(value, (int, float)) else None
+
+
+def select_checkpoint(workdir: str | pathlib.Path | None, checkpoint: str | os.PathLike = "best"
+                      ) -> tuple[pathlib.Path, int, str]:
+  """(step directory, step, why it was chosen) for `checkpoint`.
+
+  "best": the step with the highest validation accuracy (the later one on ties); the latest when no
+  step has one. "latest": the highest step. A number: that step. Anything else: a path to a step
+  directory (`.../checkpoints/<step>`), e.g. from another workdir.
+  """
+  text = str(checkpoint)
+  if text in CHECKPOINT_CHOICES or text.isdigit():
+    if workdir is None:
+      raise UserError(f"checkpoint={text!r} picks a step of a workdir; give the workdir too.")
+    directory = pathlib.Path(workdir) / "checkpoints"
+    steps = complete_steps(directory, with_state=True)
+    if not steps:
+      raise UserError(f"{directory}: no checkpoint there. Train first (python launch.py --config=... "
+                      f"--workdir={workdir}) or pass --checkpoint=<path to a checkpoints/<step> directory>.")
+    if text == "latest":
+      return directory / str(steps[-1]), steps[-1], "latest"
+    if text.isdigit():
+      if int(text) not in steps:
+        raise UserError(f"checkpoint step {int(text)} is not in {directory}; it holds steps {steps}.")
+      return directory / text, int(text), f"step {int(text)}"
+    scored = [(accuracy, step) for step in steps
+              if (accuracy := validation_accuracy(directory / str(step))) is not None]
+    if not scored:
+      return directory / str(steps[-1]), steps[-1], "latest (no checkpoint has a validation accuracy)"
+    accuracy, step = max(scored)
+    return directory / str(step), step, f"best validation accuracy {accuracy:.4f}"
+  path = pathlib.Path(text).expanduser()
+  if path.name == "state" and path.is_dir():
+    path = path.parent
+  if not path.is_dir():
+    raise UserError(f"checkpoint={text!r}: not 'best', 'latest', a step number, or an existing "
+                    "checkpoint directory (<workdir>/checkpoints/<step>).")
+  if not (path / "state").is_dir():
+    steps = complete_steps(path, with_state=True)
+    hint = f"; it holds steps {steps}: pass {path / str(steps[-1])}" if steps else ""
+    raise UserError(f"checkpoint {path}: has no 'state' item, so it is not a checkpoint step directory "
+                    f"(<workdir>/checkpoints/<step>){hint}.")
+  step = int(path.name) if path.name.isascii() and path.name.isdigit() else -1
+  return path, step, "given path"
+
+
+def restore_variables(step_dir: pathlib.Path, params: Any, model_state: Any) -> tuple[Any, Any]:
+  """Reads (params, model_state) from the checkpoint's `state` item into the given structures; the
+  optimizer state is never read.
+
+  The checkpoint's names and shapes are checked against the model's first: a mismatch lists the first
+  differences (a checkpoint of another model or size), instead of a deep Orbax error.
+  """
+  state_dir = (pathlib.Path(step_dir) / "state").absolute()
+  target = {"params": params, "model_state": model_state}
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  try:
+    stored = {name: shape for name, shape in stored_shapes(state_dir).items() if name.split(".")[0] in target}
+  except Exception as error:  # noqa: BLE001 -- any unreadable metadata is the same user problem
+    raise UserError(f"checkpoint {step_dir}: cannot read it ({type(error).__name__}: {error}). The "
+                    "checkpoint is incomplete or damaged; pick another with --checkpoint.") from error
+  differences = shape_differences(stored, tree_shapes(abstract))
+  if differences:
+    shown = "\n  ".join(differences[:6]) + (f"\n  ... and {len(differences) - 6} more" if len(differences) > 6 else "")
+    raise UserError(f"checkpoint {step_dir} does not match the model the config builds "
+                    f"({len(differences)} arrays differ):\n  {shown}\nUse the config the checkpoint was "
+                    "trained with (the workdir's config.json: leave out --config) or a checkpoint of this model.")
+  try:
+    restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=True))
+  except Exception as error:  # noqa: BLE001
+    raise UserError(f"checkpoint {step_dir}: cannot read its arrays ({type(error).__name__}: {error}); "
+                    "pick another with --checkpoint.") from error
+  return restored["params"], restored["model_state"]
 
 
 # What the OS says when the disk is full or refuses writes. Orbax writes arrays through TensorStore (C++),

@@ -27,10 +27,13 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from siamese_jax import augment, checkpoint, distributed, ensemble, evaluate, losses, models, optim
+from siamese_jax import augment, checkpoint, distributed, losses, models, optim, trained
 from siamese_jax.data import pipeline, sampling
+from siamese_jax.metrics import embedding, episodes, scoring
+from siamese_jax.metrics.one_shot import one_shot_results
 from siamese_jax.errors import UserError
 from siamese_jax.parallel import AXIS, DataParallel
+from siamese_jax.workdir import ENSEMBLE_FILENAME
 from siamese_jax.writers import MetricWriter
 
 
@@ -166,23 +169,25 @@ def variables_of(state: TrainState):
   return nnx.merge_state(state.params, state.model_state)
 
 
-def pair_score_fn_of(pair_probability: Callable | None, state: TrainState) -> Callable | None:
-  """`Setup.pair_probability` bound to the model in `state` (None for a model scored by distance)."""
-  return None if pair_probability is None else functools.partial(pair_probability, variables_of(state))
+def scorer_of(pair_probability: Callable | None, state: TrainState) -> scoring.Scorer:
+  """The scorer of the model in `state`: `Setup.pair_probability` bound to its variables for a model
+  with a pair head, else the embedding distance."""
+  if pair_probability is None:
+    return scoring.DISTANCE
+  return scoring.pair_head_scorer(functools.partial(pair_probability, variables_of(state)))
 
 
 def validation_accuracy(embed_fn, state: TrainState, source, eval_config, seed: int,
                         pair_probability: Callable | None = None) -> float:
-  """`evaluate.validation_accuracy` of the model in `state` on the validation classes `source`.
+  """`metrics.episodes.validation_accuracy` of the model in `state` on the validation classes `source`.
 
   Scored as the test report scores it: by the pair head where the model has one (`pair_probability`,
   `Setup.pair_probability`). `state` must be addressable by this process (`DataParallel.local_copy`):
   every process embeds on its own, with no program spanning processes.
   """
-  embeddings = evaluate.embed_images(embed_fn, variables_of(state), pipeline.all_images(source),
-                                     eval_config.batch_size)
-  return evaluate.validation_accuracy(embeddings, source, eval_config, seed,
-                                      pair_score_fn=pair_score_fn_of(pair_probability, state))
+  embeddings = embedding.embed_images(embed_fn, variables_of(state), pipeline.all_images(source),
+                                      eval_config.batch_size)
+  return episodes.validation_accuracy(embeddings, source, eval_config, seed, scorer_of(pair_probability, state))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
@@ -198,8 +203,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   """
   workdir = pathlib.Path(workdir)
   is_main = jax.process_index() == 0
-  if ensemble.is_ensemble(workdir):
-    raise UserError(f"workdir {workdir}: holds an ensemble ({workdir / ensemble.FILENAME}); train into a "
+  if trained.is_ensemble(workdir):
+    raise UserError(f"workdir {workdir}: holds an ensemble ({workdir / ENSEMBLE_FILENAME}); train into a "
                     "workdir of its own.")
   try:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -493,14 +498,13 @@ def final_report(embed_fn, state: TrainState, splits: pipeline.Splits, config, *
   given: `Setup.pair_probability`).
   """
   eval_config = config.eval
-  pair_score_fn = pair_score_fn_of(pair_probability, state)
   test = splits.test
   embeddings = None
   if len(test):
-    embeddings = evaluate.embed_images(embed_fn, variables_of(state), pipeline.all_images(test),
-                                       eval_config.batch_size, progress=jax.process_index() == 0)
-  return {"step": step, "seed": config.seed, **evaluate.one_shot_results(
+    embeddings = embedding.embed_images(embed_fn, variables_of(state), pipeline.all_images(test),
+                                        eval_config.batch_size, progress=jax.process_index() == 0)
+  return {"step": step, "seed": config.seed, **one_shot_results(
       embed_fn, variables_of(state), splits, embeddings, config, ways=tuple(eval_config.test_ways),
       shots=tuple(eval_config.test_shots), queries=eval_config.queries_per_class,
       num_episodes=eval_config.test_episodes, seed=config.seed, batch_size=eval_config.batch_size,
-      pair_score_fn=pair_score_fn)}
+      scorer=scorer_of(pair_probability, state))}

@@ -1,5 +1,5 @@
 """Evaluation and inference on a trained workdir: the eval, calibrate, compare, gallery and openset modes,
-checkpoint selection, ensembles of workdirs, and every bad input of issue 3 item 11 with its message.
+checkpoint selection, ensembles of workdirs, and every bad input of them with its message.
 
 The workdir is `tests/trained_workdir.py`'s tiny synthetic run (trained once per session). Modes run
 through `launch.py`: in this process (`run_launch`: the same flag parsing and `main`, without a new
@@ -23,9 +23,16 @@ from absl import flags
 from PIL import Image
 
 import launch
-from siamese_jax import checkpoint, ensemble, evaluate, inference, models, train
+from siamese_jax import checkpoint, models, train
 from siamese_jax.data import pipeline
 from siamese_jax.errors import UserError
+from siamese_jax.metrics.episodes import episode_accuracies, sample_episodes, validation_accuracy
+from siamese_jax.metrics.retrieval import gallery_class_similarities
+from siamese_jax.metrics.scoring import resolve_scoring
+from siamese_jax.modes.ensemble import make_ensemble
+from siamese_jax.modes.evaluate import evaluate_workdir
+from siamese_jax.modes.gallery import classify_gallery, compare_images, gallery_size_note, open_set
+from siamese_jax.trained import load_gallery, load_image_file, load_queries, load_trained_model, prepare_images
 from trained_workdir import TEST_CLASSES, copy_of, smoke_config, trained_workdir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -101,8 +108,8 @@ def test_eval_episodes_equal_the_training_report(own_workdir):
   # The training run's own final report scored 50 seeded 5-way 1-shot episodes on the final (step 12)
   # parameters; the eval of the restored step-12 checkpoint must score exactly the same.
   trained = json.loads((own_workdir / "results.json").read_text())
-  results = evaluate.evaluate_workdir(own_workdir, checkpoint="latest", ways=(5,), shots=(1,),
-                                      num_episodes=50, num_pairs=200, progress=False)
+  results = evaluate_workdir(own_workdir, checkpoint="latest", ways=(5,), shots=(1,),
+                             num_episodes=50, num_pairs=200, progress=False)
   assert results["episodes"] == trained["episodes"] and results["seed"] == trained["seed"] == 0
 
 
@@ -111,8 +118,8 @@ def test_eval_seed_moves_the_test_episodes_not_the_thresholds(own_workdir):
   # eval's --seed, so compare/gallery/openset do not change with the seed of the last report.
   by_seed = []
   for seed in (1, 2):  # neither is the run's seed (0)
-    results = evaluate.evaluate_workdir(own_workdir, ways=(5,), shots=(1,), num_episodes=50, num_pairs=200,
-                                        seed=seed, progress=False)
+    results = evaluate_workdir(own_workdir, ways=(5,), shots=(1,), num_episodes=50, num_pairs=200,
+                               seed=seed, progress=False)
     by_seed.append((results, json.loads((own_workdir / "eval" / "threshold.json").read_text())))
   (first, first_record), (second, second_record) = by_seed
   assert first["episodes"] != second["episodes"] and first["seed"] == 1 and second["seed"] == 2
@@ -122,10 +129,10 @@ def test_eval_seed_moves_the_test_episodes_not_the_thresholds(own_workdir):
 
 def test_eval_settings_larger_than_the_split_are_explained(workdir):
   with pytest.raises(UserError, match=f"ways=50: test split has {TEST_CLASSES} classes"):
-    evaluate.evaluate_workdir(workdir, ways=(5, 50), shots=(1,), progress=False)
+    evaluate_workdir(workdir, ways=(5, 50), shots=(1,), progress=False)
   with pytest.raises(UserError, match="shots=30: 30-shot episodes with 1 queries per class need 31 images per "
                                       "class, but class 0 of the test split has 20; K can be at most 19"):
-    evaluate.evaluate_workdir(workdir, ways=(5,), shots=(1, 30), progress=False)
+    evaluate_workdir(workdir, ways=(5,), shots=(1, 30), progress=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -133,24 +140,24 @@ def test_eval_settings_larger_than_the_split_are_explained(workdir):
 
 
 def test_checkpoint_selection(workdir):
-  steps = inference.checkpoint_steps(workdir / "checkpoints")
+  steps = checkpoint.complete_steps(workdir / "checkpoints", with_state=True)
   assert steps == [6, 12]
   accuracies = {s: json.loads((workdir / "checkpoints" / str(s) / "metrics" / "metrics").read_text())
                 ["validation_accuracy"] for s in steps}
   best = max(steps, key=lambda s: (accuracies[s], s))
-  path, step, why = inference.select_checkpoint(workdir, "best")
+  path, step, why = checkpoint.select_checkpoint(workdir, "best")
   assert (path, step) == (workdir / "checkpoints" / str(best), best)
   assert why.startswith("best validation accuracy")
-  assert inference.select_checkpoint(workdir, "latest")[1] == 12
-  assert inference.select_checkpoint(workdir, "6")[:2] == (workdir / "checkpoints" / "6", 6)
-  assert inference.select_checkpoint(None, workdir / "checkpoints" / "6" / "state")[1] == 6
+  assert checkpoint.select_checkpoint(workdir, "latest")[1] == 12
+  assert checkpoint.select_checkpoint(workdir, "6")[:2] == (workdir / "checkpoints" / "6", 6)
+  assert checkpoint.select_checkpoint(None, workdir / "checkpoints" / "6" / "state")[1] == 6
 
 
 def test_best_falls_back_to_latest_without_validation(own_workdir):
   for step in (6, 12):
     shutil.rmtree(own_workdir / "checkpoints" / str(step) / "metrics")
-  assert inference.select_checkpoint(own_workdir, "best")[1:] == (12, "latest (no checkpoint has a validation "
-                                                                      "accuracy)")
+  assert checkpoint.select_checkpoint(own_workdir, "best")[1:] == (12, "latest (no checkpoint has a validation "
+                                                                       "accuracy)")
 
 
 def test_missing_checkpoints_are_explained(workdir, tmp_path, capsys):
@@ -161,14 +168,14 @@ def test_missing_checkpoints_are_explained(workdir, tmp_path, capsys):
   line = error_line(code, err)
   assert f"{empty / 'checkpoints'}: no checkpoint there. Train first" in line
   with pytest.raises(UserError, match=r"checkpoint step 7 is not in .*; it holds steps \[6, 12\]"):
-    inference.load_trained_model(workdir, checkpoint="7")
+    load_trained_model(workdir, checkpoint="7")
   with pytest.raises(UserError, match=r"has no 'state' item, so it is not a checkpoint step directory .* "
                                       r"it holds steps \[6, 12\]: pass .*checkpoints/12"):
-    inference.load_trained_model(workdir, checkpoint=str(workdir / "checkpoints"))
+    load_trained_model(workdir, checkpoint=str(workdir / "checkpoints"))
   with pytest.raises(UserError, match="not 'best', 'latest', a step number, or an existing checkpoint directory"):
-    inference.load_trained_model(workdir, checkpoint=str(tmp_path / "nowhere"))
+    load_trained_model(workdir, checkpoint=str(tmp_path / "nowhere"))
   with pytest.raises(UserError, match=r"workdir .*nowhere: not found"):
-    inference.load_trained_model(tmp_path / "nowhere")
+    load_trained_model(tmp_path / "nowhere")
 
 
 def test_checkpoint_without_its_config_needs_one(workdir, tmp_path):
@@ -176,8 +183,8 @@ def test_checkpoint_without_its_config_needs_one(workdir, tmp_path):
   shutil.copytree(workdir / "checkpoints" / "12", lone)
   with pytest.raises(UserError, match=r"config.json: not found.*pass --config=<the config file the model was "
                                       "trained with>"):
-    inference.load_trained_model(checkpoint=str(lone))
-  model = inference.load_trained_model(checkpoint=str(lone), config=smoke_config())
+    load_trained_model(checkpoint=str(lone))
+  model = load_trained_model(checkpoint=str(lone), config=smoke_config())
   assert model.step == 12 and model.selected_by == "given path"
 
 
@@ -185,7 +192,7 @@ def test_mismatched_checkpoint_lists_the_differences(workdir):
   config = smoke_config()
   config.model.width = 32  # the checkpoint's conv4 has 64 channels
   with pytest.raises(UserError) as error:
-    inference.load_trained_model(workdir, config=config)
+    load_trained_model(workdir, config=config)
   message = str(error.value)
   assert "does not match the model the config builds" in message
   assert "params.convs.0.kernel.value: checkpoint (3, 3, 1, 64) float32, model from config (3, 3, 1, 32) float32" \
@@ -196,13 +203,13 @@ def test_mismatched_checkpoint_lists_the_differences(workdir):
 def test_damaged_checkpoint_is_explained(own_workdir):
   (own_workdir / "checkpoints" / "12" / "state" / "_METADATA").unlink()
   with pytest.raises(UserError, match=r"checkpoints/12: cannot read it .* pick another with --checkpoint"):
-    inference.load_trained_model(own_workdir, checkpoint="latest")
+    load_trained_model(own_workdir, checkpoint="latest")
 
 
 def test_restored_model_embeds_like_the_training_state(workdir):
   # The restored variables reproduce the embeddings of the state the checkpoint holds, read directly.
   import orbax.checkpoint as ocp
-  model = inference.load_trained_model(workdir, checkpoint="latest")
+  model = load_trained_model(workdir, checkpoint="latest")
   raw = ocp.StandardCheckpointer().restore((workdir / "checkpoints" / "12" / "state").absolute())
   kernel = np.asarray(model.variables[0]["convs"][0]["kernel"].value)
   np.testing.assert_array_equal(kernel, raw["params"]["convs"]["0"]["kernel"]["value"])
@@ -215,11 +222,11 @@ def test_restored_model_embeds_like_the_training_state(workdir):
 
 
 def test_images_of_another_size_or_channels_are_resized_and_wrong_types_explained(workdir):
-  model = inference.load_trained_model(workdir)
+  model = load_trained_model(workdir)
   rgb = np.random.default_rng(0).integers(0, 256, (2, 40, 50, 3), dtype=np.uint8)
-  assert inference.prepare_images(rgb, (28, 28, 1)).shape == (2, 28, 28, 1)
+  assert prepare_images(rgb, (28, 28, 1)).shape == (2, 28, 28, 1)
   assert model.embed(rgb).shape == (2, 64)
-  assert inference.prepare_images(rgb[0, :, :, 0], (28, 28, 1)).shape == (1, 28, 28, 1)  # one [H, W] image
+  assert prepare_images(rgb[0, :, :, 0], (28, 28, 1)).shape == (1, 28, 28, 1)  # one [H, W] image
   with pytest.raises(UserError, match=r"images: dtype float32; expected uint8 pixels 0..255 .* "
                                       r"\(x \* 255\).round\(\).astype\(np.uint8\)"):
     model.embed(rgb.astype(np.float32) / 255)
@@ -276,16 +283,16 @@ def test_compare_on_omniglot_images(own_workdir, omniglot_folders, capsys):
   assert code == 0
   assert "decision: None" in out and "no calibrated threshold" in out
   assert "105x105 (PIL mode 1) resized/converted to the model's 28x28x1" in out
-  result = inference.compare_images(own_workdir, same[0], other[0], invert="yes", threshold=1e9)
+  result = compare_images(own_workdir, same[0], other[0], invert="yes", threshold=1e9)
   assert result["decision"] == "same"  # any distance is below 1e9
-  model = inference.load_trained_model(own_workdir)
-  images = np.stack([inference.load_image_file(p, (28, 28, 1), invert=True)[0] for p in (same[0], other[0])])
+  model = load_trained_model(own_workdir)
+  images = np.stack([load_image_file(p, (28, 28, 1), invert=True)[0] for p in (same[0], other[0])])
   embeddings = model.embed(images)
   assert result["distance"] == pytest.approx(float(np.linalg.norm(embeddings[0] - embeddings[1])), rel=1e-5)
   code, out, _ = run_launch(["--mode=calibrate", f"--workdir={own_workdir}", "--pairs=400"], capsys)
   assert code == 0 and "written:" in out
   threshold = json.loads((own_workdir / "eval" / "threshold.json").read_text())["threshold"]
-  result = inference.compare_images(own_workdir, same[0], other[0], invert="yes")
+  result = compare_images(own_workdir, same[0], other[0], invert="yes")
   assert result["threshold"] == threshold
   assert result["decision"] == ("same" if result["distance"] <= threshold else "different")
 
@@ -309,11 +316,11 @@ def test_gallery_on_omniglot_images(own_workdir, omniglot_folders, method, capsy
   assert printed == pytest.approx(float(first["distance"]), rel=1e-3)
   assert list(rows[0]) == ["query", "predicted", "distance", "runner_up", "runner_up_distance", "true_class", "correct"]
   # The CSV's distance is the distance to the predicted class, recomputed here from the embeddings.
-  model = inference.load_trained_model(own_workdir)
-  gallery = inference.load_gallery(omniglot_folders / "gallery", model.image_shape, invert=True)
-  queries = inference.load_queries(omniglot_folders / "queries", model.image_shape, invert=True)
-  similarities = evaluate.gallery_class_similarities(model.embed(queries.images), model.embed(gallery), gallery.labels,
-                                                     4, method)
+  model = load_trained_model(own_workdir)
+  gallery = load_gallery(omniglot_folders / "gallery", model.image_shape, invert=True)
+  queries = load_queries(omniglot_folders / "queries", model.image_shape, invert=True)
+  similarities = gallery_class_similarities(model.embed(queries.images), model.embed(gallery), gallery.labels,
+                                            4, method)
   for row, scores in zip(rows, similarities):
     assert row["predicted"] == gallery.class_names[int(np.argmax(scores))]
     assert float(row["distance"]) == pytest.approx(-scores.max(), rel=1e-4)
@@ -347,7 +354,7 @@ def test_open_set_on_omniglot_images(own_workdir, omniglot_folders, capsys):
   record = json.loads((own_workdir / "eval" / "threshold.json").read_text())
   assert record["gallery_threshold_classes"] > 0 and record["gallery_threshold"] != record["threshold"]
   assert 0 <= record["gallery_calibration_unknown_rejection_rate"] <= 1
-  report = inference.open_set(own_workdir, omniglot_folders / "gallery", omniglot_folders / "queries", invert="yes")
+  report = open_set(own_workdir, omniglot_folders / "gallery", omniglot_folders / "queries", invert="yes")
   assert report["threshold"] == pytest.approx(record["gallery_threshold"])
   for row in read_csv(own_workdir / "eval" / "openset_nearest.csv"):
     accepted = float(row["distance"]) <= record["gallery_threshold"]
@@ -368,13 +375,13 @@ def test_gallery_size_note_flags_galleries_far_from_the_calibrated_size():
   # unknown query meets closer classes in a larger gallery, so fewer are rejected, and the note says so.
   record = {"threshold": 1.0, "gallery_threshold": 0.8, "gallery_threshold_classes": 75,
             "gallery_calibration_unknown_rejection_rate": 0.8}
-  assert [inference.gallery_size_note(record, n) for n in (38, 75, 150)] == [None, None, None]
-  assert inference.gallery_size_note(record, 330) == (
+  assert [gallery_size_note(record, n) for n in (38, 75, 150)] == [None, None, None]
+  assert gallery_size_note(record, 330) == (
       "the gallery threshold was calibrated on a gallery of 75 classes, this one has 330: expect fewer unknown "
       "queries rejected than the calibration's 80.0%; check it with --mode=openset on labelled queries, or "
       "set your own with --threshold.")
-  assert "this one has 37: expect more unknown queries rejected" in inference.gallery_size_note(record, 37)
-  assert inference.gallery_size_note({"threshold": 1.0}, 330) is None  # --threshold given, or an older record
+  assert "this one has 37: expect more unknown queries rejected" in gallery_size_note(record, 37)
+  assert gallery_size_note({"threshold": 1.0}, 330) is None  # --threshold given, or an older record
 
 
 def test_compare_gallery_and_open_set_on_a_colour_folder_dataset(own_workdir, colour_folders, capsys):
@@ -383,14 +390,14 @@ def test_compare_gallery_and_open_set_on_a_colour_folder_dataset(own_workdir, co
                              f"--image2={red[1]}", "--threshold=100"], capsys)
   assert code == 0 and "decision: same" in out
   assert "64x48 (PIL mode RGB) resized/converted to the model's 28x28x1" in out
-  summary = inference.classify_gallery(own_workdir, colour_folders / "gallery", colour_folders / "queries",
-                                       method="centroid")
+  summary = classify_gallery(own_workdir, colour_folders / "gallery", colour_folders / "queries",
+                             method="centroid")
   assert summary["gallery_classes"] == 3 and summary["queries"] == 14 and summary["unknown_class_queries"] == 5
-  report = inference.open_set(own_workdir, colour_folders / "gallery", colour_folders / "queries", threshold=0.0)
+  report = open_set(own_workdir, colour_folders / "gallery", colour_folders / "queries", threshold=0.0)
   # Distance threshold 0: nothing is accepted, so every unknown query is rejected and no known one is right.
   assert report["open_set"]["unknown_rejection_rate"] == 1.0 and report["open_set"]["known_accuracy"] == 0.0
   # Flat query folder (classes unknown): predictions only.
-  summary = inference.classify_gallery(own_workdir, colour_folders / "gallery", colour_folders / "queries" / "red")
+  summary = classify_gallery(own_workdir, colour_folders / "gallery", colour_folders / "queries" / "red")
   assert summary["queries"] == 3 and "accuracy" not in summary
 
 
@@ -406,7 +413,7 @@ def test_empty_gallery_class_and_gallery_without_classes_are_explained(own_workd
   flat.mkdir()
   shutil.copy(next((colour_folders / "gallery" / "red").iterdir()), flat / "one.png")
   with pytest.raises(UserError, match="holds images but no class folders; a gallery needs one sub-folder per class"):
-    inference.classify_gallery(own_workdir, flat, colour_folders / "queries")
+    classify_gallery(own_workdir, flat, colour_folders / "queries")
   code, _, err = run_launch(["--mode=compare", f"--workdir={own_workdir}", f"--image1={flat / 'one.png'}"], capsys)
   assert error_line(code, err) == "error: --mode=compare needs --image2."
   code, _, err = run_launch(["--mode=eval", f"--workdir={own_workdir}", "--ways=5,x"], capsys)
@@ -437,10 +444,10 @@ def koch_workdir(tmp_path_factory) -> pathlib.Path:
 
 
 def test_koch_head_scores_episodes_thresholds_and_compare(koch_workdir, tmp_path):
-  model = inference.load_trained_model(koch_workdir)
+  model = load_trained_model(koch_workdir)
   assert model.has_pair_head and model.step == 0
-  results = evaluate.evaluate_workdir(koch_workdir, ways=(5,), shots=(1, 2), num_episodes=20, num_pairs=200,
-                                      progress=False)
+  results = evaluate_workdir(koch_workdir, ways=(5,), shots=(1, 2), num_episodes=20, num_pairs=200,
+                             progress=False)
   assert results["scoring"] == "pair_head"
   assert results["verification"]["threshold"]["scoring"] == "pair_head"
   assert 0 < results["verification"]["threshold"]["threshold"] < 1
@@ -448,33 +455,33 @@ def test_koch_head_scores_episodes_thresholds_and_compare(koch_workdir, tmp_path
   # The episode numbers are the head's: recompute one setting from the model's own functions.
   test = pipeline.load_splits(model.config.data, seed=model.config.seed).test
   embeddings = model.embed(test)
-  episodes = evaluate.sample_episodes(test.labels, test.class_groups, ways=5, shots=1, queries=1, num_episodes=20,
-                                      seed=0, within_group=False)
-  accuracy = evaluate.episode_accuracies(embeddings, episodes, pair_score_fn=model.pair_score_fn).mean()
+  episodes = sample_episodes(test.labels, test.class_groups, ways=5, shots=1, queries=1, num_episodes=20,
+                             seed=0, within_group=False)
+  accuracy = episode_accuracies(embeddings, episodes, model.scorer).mean()
   assert results["episodes"]["unstructured"]["5way1shot"]["mean"] == pytest.approx(accuracy)
   image = tmp_path / "a.png"
   Image.fromarray(np.asarray(test[0])[..., 0]).save(image)
-  compared = inference.compare_images(koch_workdir, image, image)
+  compared = compare_images(koch_workdir, image, image)
   # One image twice: the same embedding up to float32 rounding, which may differ between the two rows of
   # a batch on some CPUs (1.4e-7 seen on an AVX2-only machine); a real difference is orders larger.
   assert compared["distance"] == pytest.approx(0.0, abs=1e-5) and 0 < compared["probability"] < 1
   assert compared["decision"] == ("same" if compared["probability"] >= compared["threshold"] else "different")
   with pytest.raises(UserError, match="scoring='pair_head' needs a model with a pair head"):
-    evaluate.resolve_scoring("pair_head", has_pair_head=False)
+    resolve_scoring("pair_head", has_pair_head=False)
 
 
 def test_training_report_scores_a_koch_model_with_its_head_like_eval_mode(koch_workdir):
   # The report printed at the end of training and --mode=eval must agree on how a pair-head model is
   # scored: the same 20 episodes give the same accuracy, and it is not the distance-based one.
-  model = inference.load_trained_model(koch_workdir)
+  model = load_trained_model(koch_workdir)
   config = model.config
   config.eval.test_ways, config.eval.test_shots, config.eval.test_episodes = (5,), (1,), 20
   built = train.setup(config)  # the same seed rebuilds the saved step-0 state
   embed_fn = models.make_embed_fn(built.graphdef)
   report = train.final_report(embed_fn, built.state, built.splits, config, step=0,
                               pair_probability=built.pair_probability)
-  by_eval = evaluate.evaluate_workdir(koch_workdir, ways=(5,), shots=(1,), num_episodes=20, num_pairs=200,
-                                      progress=False)
+  by_eval = evaluate_workdir(koch_workdir, ways=(5,), shots=(1,), num_episodes=20, num_pairs=200,
+                             progress=False)
   # The synthetic test split's groups hold 4 classes, so 5-way within-group episodes are skipped by both.
   assert "skipped" in report["episodes"]["within"]["5way1shot"]
   assert report["episodes"]["unstructured"]["5way1shot"]["mean"] == pytest.approx(
@@ -487,7 +494,7 @@ def test_validation_of_a_pair_head_model_compiles_its_head_once(koch_workdir):
   # Validation runs every eval_every steps with new parameters: the head's probability is built once in
   # setup and reused, so a second validation on other parameters compiles nothing (counted with jax's
   # public compile-time events). A model without a head has none (it is scored by distance).
-  config = inference.load_trained_model(koch_workdir).config
+  config = load_trained_model(koch_workdir).config
   built = train.setup(config)
   embed_fn = models.make_embed_fn(built.graphdef)
   later = built.state.replace(params=jax.tree.map(lambda x: x * 1.5, built.state.params))
@@ -506,11 +513,11 @@ def test_validation_of_a_pair_head_model_compiles_its_head_once(koch_workdir):
   finally:
     jax.monitoring.unregister_event_duration_listener(count)
   assert compiled_first > 0 and len(compiles) == compiled_first and second != first
-  # The same number eval mode's model gives for the step-0 state (scored by its own pair_score_fn).
-  model = inference.load_trained_model(koch_workdir)
+  # The same number eval mode's model gives for the step-0 state (scored by its own scorer).
+  model = load_trained_model(koch_workdir)
   validation = pipeline.all_images(built.splits.validation)
-  assert first == pytest.approx(evaluate.validation_accuracy(
-      model.embed(validation), built.splits.validation, config.eval, 0, pair_score_fn=model.pair_score_fn))
+  assert first == pytest.approx(validation_accuracy(
+      model.embed(validation), built.splits.validation, config.eval, 0, model.scorer))
   config.model.name, config.loss.name = "conv4", "contrastive"  # the same pair batches, no head
   assert train.setup(config).pair_probability is None
 
@@ -539,12 +546,12 @@ def test_ensemble_is_its_members_side_by_side_in_every_mode(workdir, narrow_work
                                f"--members={workdir},{narrow_workdir}"], capsys)
   assert code == 0, err
   record = json.loads((ensemble_dir / "ensemble.json").read_text())
-  members = [inference.load_trained_model(w) for w in (workdir, narrow_workdir)]
+  members = [load_trained_model(w) for w in (workdir, narrow_workdir)]
   # Its paths are relative to the ensemble's workdir, and lead to each member's best checkpoint.
   assert not any(pathlib.Path(m[key]).is_absolute() for m in record["members"] for key in ("workdir", "checkpoint"))
   assert [os.path.normpath(ensemble_dir.resolve() / m["checkpoint"]) for m in record["members"]] == [
       str(m.checkpoint_dir.resolve()) for m in members]
-  model = inference.load_trained_model(ensemble_dir)
+  model = load_trained_model(ensemble_dir)
   assert model.describe()["members"] == [m.describe() for m in members]
   splits = pipeline.load_splits(model.config.data, seed=model.config.seed)
   images = pipeline.all_images(splits.test)[:24]
@@ -558,13 +565,13 @@ def test_ensemble_is_its_members_side_by_side_in_every_mode(workdir, narrow_work
   assert np.sqrt(np.mean(np.sum(validation.astype(np.float64) ** 2, axis=-1))) == pytest.approx(1.0, rel=1e-5)
   # Each member's validation accuracy is the one its training run stored with that checkpoint (the same
   # protocol), and the ensemble's is that protocol on the ensemble's embeddings.
-  summary = ensemble.make_ensemble(tmp_path / "again", [workdir, narrow_workdir], progress=False)
+  summary = make_ensemble(tmp_path / "again", [workdir, narrow_workdir], progress=False)
   for member, loaded in zip((workdir, narrow_workdir), members):
     stored = [json.loads(line) for line in (member / "metrics.jsonl").read_text().splitlines()]
     at_step = [r["validation/accuracy"] for r in stored if r["step"] == loaded.step and "validation/accuracy" in r]
     assert summary["members"][str(member)]["validation_accuracy"] == pytest.approx(at_step[-1], abs=1e-6)
   assert summary["validation_accuracy"] == pytest.approx(
-      evaluate.validation_accuracy(validation, splits.validation, model.config.eval, model.config.seed))
+      validation_accuracy(validation, splits.validation, model.config.eval, model.config.seed))
   assert f"validation_accuracy: {summary['validation_accuracy']:.6g}" in out
   # Every mode on a workdir works on the ensemble's.
   code, out, err = run_launch(["--mode=eval", f"--workdir={ensemble_dir}", "--episodes=50", "--ways=5",
@@ -583,13 +590,13 @@ def test_ensemble_is_its_members_side_by_side_in_every_mode(workdir, narrow_work
 def test_bad_ensembles_are_explained(workdir, narrow_workdir, koch_workdir, tmp_path, capsys):
   target = tmp_path / "ensemble"
   with pytest.raises(UserError, match="needs at least 2 trained workdirs, got 1"):
-    ensemble.make_ensemble(target, [workdir])
+    make_ensemble(target, [workdir])
   with pytest.raises(UserError, match="names a workdir twice"):
-    ensemble.make_ensemble(target, [workdir, workdir])
+    make_ensemble(target, [workdir, workdir])
   with pytest.raises(UserError, match=f"ensemble member {koch_workdir}: has a pair head"):
-    ensemble.make_ensemble(target, [workdir, koch_workdir])
+    make_ensemble(target, [workdir, koch_workdir])
   with pytest.raises(UserError, match="holds a training run"):
-    ensemble.make_ensemble(narrow_workdir, [workdir, narrow_workdir])
+    make_ensemble(narrow_workdir, [workdir, narrow_workdir])
   # The same run under another seed: on synthetic data its training classes are other records, among
   # them some of the first member's test images, so its scores there would not be one-shot.
   reseeded = copy_of(narrow_workdir, tmp_path / "reseeded")
@@ -601,7 +608,7 @@ def test_bad_ensembles_are_explained(workdir, narrow_workdir, koch_workdir, tmp_
                   r"(validation|test) split", error_line(code, err)), err
   assert not target.exists()
   member = copy_of(narrow_workdir, tmp_path / "member")
-  ensemble.make_ensemble(target, [workdir, member], progress=False)
+  make_ensemble(target, [workdir, member], progress=False)
   code, _, err = run_launch(["--mode=eval", f"--workdir={target}", "--checkpoint=latest"], capsys)
   assert "checkpoints and configs were fixed when it was made" in error_line(code, err)
   shutil.rmtree(member / "checkpoints")
@@ -617,12 +624,12 @@ def test_bad_ensembles_are_explained(workdir, narrow_workdir, koch_workdir, tmp_
 def test_an_ensemble_moves_with_its_members(workdir, narrow_workdir, tmp_path):
   tree = tmp_path / "tree"
   members = [copy_of(workdir, tree / "runs" / "a"), copy_of(narrow_workdir, tree / "runs" / "b")]
-  ensemble.make_ensemble(tree / "ensembles" / "ab", members, progress=False)
-  before = inference.load_trained_model(tree / "ensembles" / "ab")
+  make_ensemble(tree / "ensembles" / "ab", members, progress=False)
+  before = load_trained_model(tree / "ensembles" / "ab")
   images = np.random.default_rng(0).integers(0, 256, (4, *before.image_shape), dtype=np.uint8)
   expected = before.embed(images)
   tree.rename(tmp_path / "moved")
-  after = inference.load_trained_model(tmp_path / "moved" / "ensembles" / "ab")
+  after = load_trained_model(tmp_path / "moved" / "ensembles" / "ab")
   assert [str(m.checkpoint_dir) for m in after.members] == [
       str(tmp_path / "moved" / "runs" / name / "checkpoints" / str(m.step)) for name, m in zip("ab", after.members)]
   np.testing.assert_array_equal(after.embed(images), expected)

@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from siamese_jax import evaluate, export, inference
 from siamese_jax.data import pipeline
 from siamese_jax.errors import UserError
+from siamese_jax.metrics.embedding import embedding_batches
+from siamese_jax.modes import export
+from siamese_jax.trained import load_image_file, load_trained_model
+from siamese_jax.workdir import config_hash, read_config
 from trained_workdir import TEST_CLASSES, copy_of, trained_workdir
 
 
@@ -25,7 +28,7 @@ def test_export_holds_the_embeddings_the_eval_computes(workdir, tmp_path):
                      "step": summary["step"], "classes": TEST_CLASSES}
   exported = export.load_embeddings(output)
   # The eval embeds the test split with the same function, batch size and order: equal to the bit.
-  model = inference.load_trained_model(workdir)
+  model = load_trained_model(workdir)
   test = pipeline.load_splits(model.config.data, seed=model.config.seed).test
   np.testing.assert_array_equal(exported.embeddings, model.embed(test, batch_size=128))
   assert exported.embeddings.dtype == np.float32 and exported.embeddings.shape == (400, 64)
@@ -36,7 +39,7 @@ def test_export_holds_the_embeddings_the_eval_computes(workdir, tmp_path):
   assert exported.file_ids == test.file_ids
   np.testing.assert_array_equal(exported.drawers, test.drawers)
   assert exported.split == "test" and exported.step == model.step == summary["step"]
-  assert exported.config_hash == model.config_hash == inference.config_hash(inference.read_config(workdir))
+  assert exported.config_hash == model.config_hash == config_hash(read_config(workdir))
   assert exported.model == "conv4" and exported.checkpoint == str(model.checkpoint_dir)
   # Plain numpy can read it, without pickles.
   with np.load(output, allow_pickle=False) as raw:
@@ -55,8 +58,8 @@ def test_export_of_an_image_folder_reads_it_lazily(workdir, tmp_path):
   exported = export.load_embeddings(summary["path"])
   assert exported.split == "folder" and exported.class_names == ["cat", "dog"]
   assert exported.file_ids == [f"{c}/{i}.png" for c in ("cat", "dog") for i in range(3)]
-  model = inference.load_trained_model(workdir)
-  images = np.stack([inference.load_image_file(tmp_path / "images" / f, model.image_shape, invert=False)[0]
+  model = load_trained_model(workdir)
+  images = np.stack([load_image_file(tmp_path / "images" / f, model.image_shape, invert=False)[0]
                      for f in exported.file_ids])
   np.testing.assert_array_equal(exported.embeddings, model.embed(images, batch_size=4))
 
@@ -93,4 +96,4 @@ def test_export_errors(workdir, tmp_path):
   with pytest.raises(UserError, match="cannot read it as an .npz export"):
     export.load_embeddings(tmp_path / "broken.npz")
   with pytest.raises(UserError, match="no images to embed"):
-    list(evaluate.embedding_batches(lambda v, x: x, None, np.zeros((0, 2, 2, 1), np.uint8)))
+    list(embedding_batches(lambda v, x: x, None, np.zeros((0, 2, 2, 1), np.uint8)))

@@ -5,12 +5,12 @@ a run with its ink as True, takes the coordinates of the inked pixels centred on
 test item with every training image by the modified Hausdorff distance of Dubuisson & Jain (1994) —
 the larger of the two directed mean nearest-point distances — gives each test item the training image
 of least distance, and reports the mean error over the 20 runs: 38.8 %. The same scoring code
-(`evaluate.lake_runs_from_costs`) scores the models' embeddings.
+(`metrics.lake.lake_runs_from_costs`) scores the models' embeddings.
 """
 
 import pytest
 
-from siamese_jax import evaluate
+from siamese_jax.metrics import lake
 from siamese_jax.data import omniglot
 
 
@@ -22,7 +22,7 @@ def lake_runs(omniglot_dir):
 
 def test_modified_hausdorff_baseline_gives_lakes_published_error(lake_runs):
   assert [run.name for run in lake_runs] == [f"run{r:02d}" for r in range(1, 21)]
-  result = evaluate.lake_runs_mhd_baseline(lake_runs)
+  result = lake.lake_runs_mhd_baseline(lake_runs)
   assert len(result["per_run"]) == 20
   errors = round(sum((1 - accuracy) * len(run.test) for accuracy, run in zip(result["per_run"], lake_runs)))
   assert errors == 155  # of 400 test items

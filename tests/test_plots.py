@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from siamese_jax import evaluate, plots
 from siamese_jax.errors import UserError
+from siamese_jax.metrics.episodes import Episodes
+from siamese_jax.metrics.verification import roc_curve
+from siamese_jax.modes import plots
 from trained_workdir import copy_of, trained_workdir
 
 # Matplotlib's tab10 colours, as the plots use them for right / wrong / missed frames.
@@ -42,7 +44,7 @@ def test_episode_grid_frames_right_wrong_and_missed(tmp_path):
   # (predicted 0: wrong, red frame on 0 and blue frame on the right class, 2).
   images = np.zeros((12, 8, 8, 1), np.uint8)
   images[:, 2:6, 3] = 255
-  episodes = evaluate.Episodes(support=np.arange(6).reshape(2, 3, 1), query=np.arange(6, 12).reshape(2, 3, 1))
+  episodes = Episodes(support=np.arange(6).reshape(2, 3, 1), query=np.arange(6, 12).reshape(2, 3, 1))
   predictions = np.array([[[0], [1], [2]], [[0], [1], [0]]])
   right = plots.plot_episodes(images, episodes, predictions, tmp_path / "right.png", rows=[(0, 1, 0)])
   assert pixels_of(right, GREEN) > 50 and pixels_of(right, RED) == 0 and pixels_of(right, BLUE) == 0
@@ -51,7 +53,7 @@ def test_episode_grid_frames_right_wrong_and_missed(tmp_path):
 
 
 def test_roc_embedding_map_and_curves_from_small_inputs(tmp_path):
-  far, tar, _ = evaluate.roc_curve(np.array([0.9, 0.6, 0.4, 0.7, 0.3, 0.1]), np.array([1, 1, 1, 0, 0, 0], bool))
+  far, tar, _ = roc_curve(np.array([0.9, 0.6, 0.4, 0.7, 0.3, 0.1]), np.array([1, 1, 1, 0, 0, 0], bool))
   plots.plot_roc(far, tar, tmp_path / "roc.png", auc=7 / 9, eer=1 / 3, operating_point=(1 / 3, 1.0))
   assert pixels_of(tmp_path / "roc.png", GREEN) > 20  # the calibrated threshold's marker
   points = np.array([[0, 0], [1, 0], [10, 10], [11, 10], [10, 11]], np.float32)

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 import grain
 import numpy as np
 
-from siamese_jax.data import sampling
+from siamese_jax.data import omniglot, sampling, sources
 from siamese_jax.errors import UserError
 
 
@@ -140,8 +140,6 @@ def _source_splits(data_config, seed: int) -> Splits:
   characters are from evaluation alphabets, so unseen by a background-trained model).
   folder / tfds: classes are split by a seeded draw.
   """
-  from siamese_jax.data import omniglot, sources  # heavy imports (PIL, TFDS) only when loading data
-
   size, channels = data_config.image_size, data_config.channels
   image_shape = (size, size, channels)
   common = dict(image_shape=image_shape, in_memory=data_config.in_memory,
@@ -194,7 +192,6 @@ def _source_splits(data_config, seed: int) -> Splits:
 
 def _split_test_and_validation(everything, data_config, seed: int) -> Splits:
   """Seeded class splits for data with no given split: test classes first, then validation classes."""
-  from siamese_jax.data import sources
   test_fraction, validation_fraction = data_config.test_fraction, data_config.validation_fraction
   # Checked here so the message names the config fields; split_classes only knows "held_out".
   if not 0 < test_fraction < 1 or not 0 <= validation_fraction < 1 or \
@@ -211,7 +208,6 @@ def _hold_out_validation(source, fraction: float, seed: int):
   """(train, validation) classes; fraction 0 means no validation split (validation is None)."""
   if fraction <= 0:
     return source, None
-  from siamese_jax.data import sources
   return sources.split_classes(source, fraction, seed=seed)
 
 

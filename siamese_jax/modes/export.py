@@ -1,7 +1,7 @@
 """Embeddings to `.npz`, written batch by batch, and the loader for them.
 
   python launch.py --mode=export --workdir=runs/omniglot --split=test        # -> runs/omniglot/eval/embeddings_test.npz
-  data = export.load_embeddings("runs/omniglot/eval/embeddings_test.npz")
+  data = load_embeddings("runs/omniglot/eval/embeddings_test.npz")   # siamese_jax.modes.export
 
 The file is an ordinary NumPy `.npz` (`np.load` reads it; no pickles):
 
@@ -14,7 +14,7 @@ The file is an ordinary NumPy `.npz` (`np.load` reads it; no pickles):
   drawers       int32 [N]        Omniglot drawer 1..20, -1 where unknown
   split         str              "train", "validation", "test" or "folder"
   step          int64            checkpoint step
-  config_hash   str              `inference.config_hash` of the run's config
+  config_hash   str              `workdir.config_hash` of the run's config
   checkpoint    str              checkpoint directory
   model         str              model.name
 
@@ -33,8 +33,11 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from siamese_jax import evaluate
+from siamese_jax.data import pipeline, sources
 from siamese_jax.errors import UserError
+from siamese_jax.metrics.embedding import embedding_batches
+from siamese_jax.trained import TrainedModel, load_trained_model, resolve_invert
+from siamese_jax.workdir import EVAL_DIRNAME
 
 EXPORT_SPLITS = ("train", "validation", "test")
 _REQUIRED = ("embeddings", "labels", "class_names", "class_groups", "group_names", "file_ids", "split",
@@ -111,16 +114,16 @@ def _chain(first, rest):
   yield from rest
 
 
-def export_embeddings(model, source, path: str | os.PathLike, *, split: str, batch_size: int | None = None,
-                      progress: bool = True) -> dict:
-  """Embeds every record of `source` with `model` (an inference.TrainedModel) into `path` (.npz)."""
+def export_embeddings(model: TrainedModel, source, path: str | os.PathLike, *, split: str,
+                      batch_size: int | None = None, progress: bool = True) -> dict:
+  """Embeds every record of `source` with `model` into `path` (.npz)."""
   if tuple(source.image_shape) != tuple(model.image_shape):
     raise UserError(f"source images are {tuple(source.image_shape)}; this model takes {model.image_shape}.")
   if len(source) == 0:
     raise UserError(f"the {split} split has no images to export.")
   batch_size = batch_size or int(model.config.eval.batch_size)
-  batches = evaluate.embedding_batches(model.embed_fn, model.variables, source, batch_size, progress,
-                                       description=f"export {split}")
+  batches = embedding_batches(model.embed_fn, model.variables, source, batch_size, progress,
+                              description=f"export {split}")
   metadata = {
       "labels": np.asarray(source.labels, np.int32),
       "class_names": _strings(source.class_names),
@@ -148,25 +151,22 @@ def export_workdir(workdir: str | os.PathLike, *, split: str = "test", images: s
   sub-folder per class (or group/class), decoded batch by batch. Default output:
   `<workdir>/eval/embeddings_<split or folder name>.npz`.
   """
-  from siamese_jax import inference
-  model = inference.load_trained_model(workdir, checkpoint=checkpoint, config=config)
+  model = load_trained_model(workdir, checkpoint=checkpoint, config=config)
   if images is not None:
-    from siamese_jax.data import sources
     folder = pathlib.Path(images).expanduser()
     source = sources.image_folder_source(folder, model.image_shape, in_memory=False,
-                                         invert=inference.resolve_invert(invert, model))
+                                         invert=resolve_invert(invert, model))
     split, name = "folder", folder.name or "folder"
   else:
     if split not in EXPORT_SPLITS:
       raise UserError(f"split='{split}' is not one of {EXPORT_SPLITS}.")
-    from siamese_jax.data import pipeline
     splits = pipeline.load_splits(model.config.data, seed=model.config.seed)
     source = getattr(splits, split)
     if source is None:
       raise UserError(f"this run has no {split} split (data.validation / data.validation_fraction hold "
                       "no classes out); export train or test.")
     name = split
-  output = pathlib.Path(output) if output else pathlib.Path(workdir) / evaluate.EVAL_DIRNAME / f"embeddings_{name}.npz"
+  output = pathlib.Path(output) if output else pathlib.Path(workdir) / EVAL_DIRNAME / f"embeddings_{name}.npz"
   return export_embeddings(model, source, output, split=split, batch_size=batch_size, progress=progress)
 
 

@@ -1,18 +1,13 @@
-"""Ensembles: several trained workdirs used as one model, wherever a workdir is.
+"""The ensemble mode: several trained workdirs combined into one model.
 
   python launch.py --mode=ensemble --workdir=runs/ens --members=runs/a,runs/b   # writes runs/ens/ensemble.json
   python launch.py --mode=eval --workdir=runs/ens                              # any mode on a workdir
 
 `make_ensemble` fixes each member's checkpoint (`--checkpoint`, best by default, resolved once) and
 writes `<workdir>/ensemble.json`, with paths relative to that workdir (so the members and the ensemble can
-move together); from then on `inference.load_trained_model` loads that workdir as one
-model, so eval, calibrate, export, compare, gallery, openset and plots all work on it unchanged.
-
-The ensemble's embedding of an image is its members' embeddings side by side, each divided by the
-member's root-mean-square embedding length on the validation images and by sqrt(#members). Its squared
-distance is then the mean of the members' squared distances, each in its member's typical units, so a
-member with larger embeddings (a wider network) does not outvote the others, and a class prototype is
-the members' prototypes side by side.
+move together); from then on `trained.load_trained_model` loads that workdir as one model (how the
+members' embeddings are combined is described there), so eval, calibrate, export, compare, gallery,
+openset and plots all work on it unchanged.
 
 The first member's config is the ensemble's: its splits (validation, test, Lake's runs) are what the
 ensemble is validated and tested on. Members must take the same input and be distance models (a Koch
@@ -22,32 +17,17 @@ another split or seed is checked image file by image file.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import os
 import pathlib
-from typing import Callable, Sequence
+from typing import Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
-from siamese_jax import evaluate
+from siamese_jax.data import pipeline
 from siamese_jax.errors import UserError
-
-FILENAME = "ensemble.json"
-
-
-def is_ensemble(workdir: pathlib.Path | None) -> bool:
-  return workdir is not None and (workdir / FILENAME).is_file()
-
-
-def combined_embed_fn(embed_fns: Sequence[Callable], scales: Sequence[float]) -> Callable:
-  """`embed_fn(variables, images)` of the ensemble: `variables` is the tuple of the members' variables."""
-  def embed_fn(variables, images):
-    return jnp.concatenate([fn(v, images) * scale for fn, v, scale in zip(embed_fns, variables, scales)],
-                           axis=-1)
-  return embed_fn
+from siamese_jax.metrics.episodes import validation_accuracy
+from siamese_jax.trained import TrainedModel, is_ensemble, load_trained_model
+from siamese_jax.workdir import ENSEMBLE_FILENAME, write_json
 
 
 def _image_files(source) -> set[str]:
@@ -55,9 +35,8 @@ def _image_files(source) -> set[str]:
   return {file_id.split("#")[0] for file_id in source.file_ids}
 
 
-def _check_members(models: list, workdirs: list[pathlib.Path], splits) -> None:
+def _check_members(models: list[TrainedModel], workdirs: list[pathlib.Path], splits) -> None:
   """Same input, no pair head, and no member trained on an image the first member's `splits` hold out."""
-  from siamese_jax.data import pipeline
   first = models[0]
   for model, workdir in zip(models, workdirs):
     if model.has_pair_head:
@@ -92,8 +71,6 @@ def make_ensemble(workdir: str | pathlib.Path, members: Sequence[str | pathlib.P
   """Writes `<workdir>/ensemble.json` for `members` (trained workdirs) and returns a summary with the
   validation accuracy of each member and of the ensemble (the training runs' protocol: fixed N-way
   1-shot episodes of the first member's validation classes)."""
-  from siamese_jax import inference
-  from siamese_jax.data import pipeline
   workdir = pathlib.Path(workdir).expanduser()
   member_dirs = [pathlib.Path(m).expanduser().resolve() for m in members]
   if len(member_dirs) < 2:
@@ -105,7 +82,7 @@ def make_ensemble(workdir: str | pathlib.Path, members: Sequence[str | pathlib.P
   for member in member_dirs:
     if is_ensemble(member):
       raise UserError(f"ensemble member {member}: is an ensemble itself; list its members instead.")
-  models = [inference.load_trained_model(member, checkpoint=checkpoint) for member in member_dirs]
+  models = [load_trained_model(member, checkpoint=checkpoint) for member in member_dirs]
   config = models[0].config
   splits = pipeline.load_splits(config.data, seed=config.seed)
   _check_members(models, member_dirs, splits)
@@ -121,55 +98,15 @@ def make_ensemble(workdir: str | pathlib.Path, members: Sequence[str | pathlib.P
                          "selected_by": model.selected_by, "rms_embedding_length": r, "scale": s}
                         for member, model, r, s in zip(member_dirs, models, rms, scales)],
             "scales_from": f"{source_name} split of the first member ({len(source)} images)"}
-  summary = {"written": str(workdir / FILENAME), "members": {}}
+  summary = {"written": str(workdir / ENSEMBLE_FILENAME), "members": {}}
   if splits.validation is not None:
     validation_seed = pipeline.split_seed(config.data, config.seed)  # the members' training validation
     combined = np.concatenate([e * s for e, s in zip(embeddings, scales)], axis=-1)
     for member, model, member_embeddings in zip(member_dirs, models, embeddings):
-      summary["members"][str(member)] = {"step": model.step, "validation_accuracy": evaluate.validation_accuracy(
+      summary["members"][str(member)] = {"step": model.step, "validation_accuracy": validation_accuracy(
           member_embeddings, splits.validation, config.eval, validation_seed)}
-    summary["validation_accuracy"] = evaluate.validation_accuracy(combined, splits.validation, config.eval,
-                                                                  validation_seed)
+    summary["validation_accuracy"] = validation_accuracy(combined, splits.validation, config.eval, validation_seed)
     record["validation_accuracy"] = summary["validation_accuracy"]
   workdir.mkdir(parents=True, exist_ok=True)
-  evaluate.write_json(workdir / FILENAME, record)
+  write_json(workdir / ENSEMBLE_FILENAME, record)
   return summary
-
-
-def _under(base: pathlib.Path, path: str) -> pathlib.Path:
-  return pathlib.Path(os.path.normpath(base / path))
-
-
-def load_ensemble(workdir: pathlib.Path, checkpoint: str = "best", config=None):
-  """The ensemble in `<workdir>/ensemble.json` as one `inference.TrainedModel`."""
-  from siamese_jax import inference
-  path = workdir / FILENAME
-  if str(checkpoint) != "best" or config is not None:
-    raise UserError(f"{workdir} is an ensemble ({path}): its members' checkpoints and configs were fixed "
-                    "when it was made; drop --checkpoint/--config, or make another with --mode=ensemble.")
-  try:
-    record = json.loads(path.read_text())
-    base = workdir.resolve()  # paths are relative to the ensemble's workdir (absolute ones still load)
-    members = [(_under(base, m["workdir"]), _under(base, m["checkpoint"]), float(m["scale"]),
-                str(m["selected_by"])) for m in record["members"]]
-    fingerprint_of = [f"{m['checkpoint']}{float(m['scale'])!r}" for m in record["members"]]
-  except (OSError, ValueError, KeyError, TypeError) as error:
-    raise UserError(f"{path}: not a readable ensemble record ({type(error).__name__}: {error}); make it "
-                    "again with --mode=ensemble.") from error
-  models = []
-  for member_workdir, member_checkpoint, _, selected_by in members:
-    if not member_checkpoint.is_dir():
-      raise UserError(f"{path}: member checkpoint {member_checkpoint} is gone; make the ensemble again "
-                      "with --mode=ensemble.")
-    model = inference.load_trained_model(member_workdir, checkpoint=member_checkpoint)
-    models.append(dataclasses.replace(model, selected_by=selected_by))  # why it was chosen, when made
-  first = models[0]
-  scales = [scale for _, _, scale, _ in members]
-  fingerprint = hashlib.sha256("".join(m.config_hash + f for m, f in zip(models, fingerprint_of))
-                               .encode()).hexdigest()[:16]
-  return inference.TrainedModel(
-      config=first.config, workdir=workdir, checkpoint_dir=path, step=first.step,
-      selected_by=f"ensemble of {len(models)} members", image_shape=first.image_shape, graphdef=None,
-      variables=tuple(m.variables for m in models),
-      embed_fn=combined_embed_fn([m.embed_fn for m in models], scales), pair_logits_fn=None,
-      config_hash=fingerprint, members=tuple(models))

@@ -14,8 +14,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from siamese_jax import evaluate
+from siamese_jax.data import pipeline
 from siamese_jax.errors import UserError
+from siamese_jax.metrics.episodes import Episodes, episode_predictions, sample_episodes
+from siamese_jax.metrics.retrieval import class_representatives
+from siamese_jax.metrics.verification import (equal_error_rate, rates_at_threshold, roc_auc, roc_curve, sample_pairs,
+                                              similarity_threshold)
+from siamese_jax.modes.gallery import load_threshold
+from siamese_jax.trained import load_trained_model
+from siamese_jax.workdir import EVAL_DIRNAME
+from siamese_jax.writers import read_metrics
 
 PLOTS_DIRNAME = "plots"
 
@@ -143,7 +151,7 @@ def plot_training_curves(metrics: list[dict], path, *, title: str = "training") 
   return _save(figure, path)
 
 
-def plot_episodes(images: np.ndarray, episodes: evaluate.Episodes, predictions: np.ndarray, path, *,
+def plot_episodes(images: np.ndarray, episodes: Episodes, predictions: np.ndarray, path, *,
                   rows: Sequence[tuple[int, int, int]] | None = None, class_names: Sequence[str] | None = None,
                   labels: np.ndarray | None = None, title: str = "one-shot episodes", cmap: str = "gray_r") -> str:
   """One row per (episode e, class n, query q) in `rows` (default: every query, up to 12): the query,
@@ -200,17 +208,14 @@ def plot_workdir(workdir: str | os.PathLike, *, checkpoint: str = "best", config
   of seeded test pairs (with the threshold from `<workdir>/eval/threshold.json` when calibrated), the
   metrics log, and `num_episodes` seeded `ways`-way one-shot episodes with the model's predictions.
   """
-  from siamese_jax import inference
-  from siamese_jax.data import pipeline
-  from siamese_jax.writers import read_metrics
-  model = inference.load_trained_model(workdir, checkpoint=checkpoint, config=config)
+  model = load_trained_model(workdir, checkpoint=checkpoint, config=config)
   seed = model.config.seed if seed is None else seed
-  output_dir = pathlib.Path(output) if output else pathlib.Path(workdir) / evaluate.EVAL_DIRNAME / PLOTS_DIRNAME
+  output_dir = pathlib.Path(output) if output else pathlib.Path(workdir) / EVAL_DIRNAME / PLOTS_DIRNAME
   test = pipeline.load_splits(model.config.data, seed=model.config.seed).test
   test_images = pipeline.all_images(test)
   embeddings = model.embed(test_images, batch_size=batch_size, progress=progress)
-  scoring = "pair_head" if model.has_pair_head else "distance"
-  pair_score_fn = model.pair_score_fn if model.has_pair_head else None
+  scorer = model.scorer
+  scoring = scorer.name
   written: dict[str, Any] = {"step": model.step}
   cmap = grayscale_colormap(model.invert or model.config.data.source == "synthetic")
 
@@ -218,23 +223,23 @@ def plot_workdir(workdir: str | os.PathLike, *, checkpoint: str = "best", config
   chosen = np.sort(rng.permutation(test.num_classes)[:min(num_classes, test.num_classes)])
   records = np.flatnonzero(np.isin(test.labels, chosen))
   local = np.searchsorted(chosen, test.labels[records])
-  _, medoids = evaluate.class_representatives(embeddings[records], local, len(chosen), "medoid")
+  _, medoids = class_representatives(embeddings[records], local, len(chosen), "medoid")
   points = tsne_2d(embeddings[records], seed=seed)
   written["tsne"] = plot_embedding_map(points, local, [test.class_names[c] for c in chosen],
                                        output_dir / "tsne.png", representatives=medoids,
                                        images=test_images[records],
                                        title=f"t-SNE of test embeddings (step {model.step})", cmap=cmap)
 
-  pairs = evaluate.sample_pairs(test.labels, num_pairs=num_pairs, seed=seed + 1)
-  similarities = evaluate.score_index_pairs(embeddings, pairs.first, pairs.second, pair_score_fn)
-  far, tar, _ = evaluate.roc_curve(similarities, pairs.same)
-  eer, _ = evaluate.equal_error_rate(similarities, pairs.same)
-  record = inference.load_threshold(workdir, model)
+  pairs = sample_pairs(test.labels, num_pairs=num_pairs, seed=seed + 1)
+  similarities = scorer.indexed_pair_similarities(embeddings, pairs.first, pairs.second)
+  far, tar, _ = roc_curve(similarities, pairs.same)
+  eer, _ = equal_error_rate(similarities, pairs.same)
+  record = load_threshold(workdir, model)
   point = None
   if record is not None and record.get("scoring") == scoring:
-    rates = evaluate.rates_at_threshold(similarities, pairs.same, evaluate.similarity_threshold(record))
+    rates = rates_at_threshold(similarities, pairs.same, similarity_threshold(record))
     point = (rates["false_accept_rate"], 1 - rates["false_reject_rate"])
-  written["roc"] = plot_roc(far, tar, output_dir / "roc.png", auc=evaluate.roc_auc(similarities, pairs.same),
+  written["roc"] = plot_roc(far, tar, output_dir / "roc.png", auc=roc_auc(similarities, pairs.same),
                             eer=eer, operating_point=point,
                             title=f"ROC on {len(pairs.same)} test pairs ({scoring}, step {model.step})")
 
@@ -246,9 +251,9 @@ def plot_workdir(workdir: str | os.PathLike, *, checkpoint: str = "best", config
     written["training_curves"] = None
 
   within = bool(np.bincount(test.class_groups).max() >= ways)
-  episodes = evaluate.sample_episodes(test.labels, test.class_groups, ways=ways, shots=1, queries=1,
+  episodes = sample_episodes(test.labels, test.class_groups, ways=ways, shots=1, queries=1,
                                       num_episodes=num_episodes, seed=seed, within_group=within)
-  predictions = evaluate.episode_predictions(embeddings, episodes, pair_score_fn=pair_score_fn)
+  predictions = episode_predictions(embeddings, episodes, scorer)
   shown = [(e, int(rng.integers(ways)), 0) for e in range(num_episodes)]  # one query of each episode
   written["episodes"] = plot_episodes(
       test_images, episodes, predictions, output_dir / "episodes.png", rows=shown, class_names=test.class_names,

@@ -172,6 +172,28 @@ def test_leftover_temporary_directory_is_not_a_checkpoint(tmp_path):
   assert steps_on_disk(tmp_path) == [2, 3]
 
 
+def test_complete_steps_and_the_best_checkpoint_are_read_from_the_disk(tmp_path):
+  directory = tmp_path / "checkpoints"
+  save_steps(directory, [0.5, 0.75, 0.75, None], max_to_keep=10)  # steps 1-4; step 4 not validated
+  # Not steps: a save in flight, a step a resume set aside, a file. A bare all-digit directory is a
+  # finished step for the loop, but has no state item for a model to be restored from.
+  (directory / "5.orbax-checkpoint-tmp-1700000000000000").mkdir()
+  (directory / f"6{checkpoint.UNREADABLE_SUFFIX}").mkdir()
+  (directory / "notes").write_text("not a step")
+  (directory / "7").mkdir()
+  assert checkpoint.complete_steps(directory) == [1, 2, 3, 4, 7]
+  assert checkpoint.complete_steps(directory, with_state=True) == [1, 2, 3, 4]
+  assert checkpoint.complete_steps(tmp_path / "missing") == []
+  assert checkpoint.validation_accuracy(directory / "2") == 0.75
+  assert checkpoint.validation_accuracy(directory / "4") is None
+  # Best: the highest validation accuracy, the later step on ties (3, not 2); latest: the highest step.
+  assert checkpoint.select_checkpoint(tmp_path, "best") == (directory / "3", 3, "best validation accuracy 0.7500")
+  assert checkpoint.select_checkpoint(tmp_path, "latest") == (directory / "4", 4, "latest")
+  assert checkpoint.select_checkpoint(None, directory / "2") == (directory / "2", 2, "given path")
+  with pytest.raises(UserError, match=r"checkpoint step 7 is not in .*; it holds steps \[1, 2, 3, 4\]"):
+    checkpoint.select_checkpoint(tmp_path, "7")
+
+
 def test_asynchronous_saves_restore_after_wait(tmp_path):
   checkpointer = checkpoint.Checkpointer(tmp_path, max_to_keep=2, asynchronous=True)
   for step in (1, 2, 3):

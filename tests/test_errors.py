@@ -1,5 +1,5 @@
 """User mistakes give a specific UserError (file, class or field named, what was expected), never a deep
-JAX traceback; through `launch.py` they print `error: <message>` and exit 2 (issue item 14).
+JAX traceback; through `launch.py` they print `error: <message>` and exit 2.
 
 Most cases call `train.setup(config)`, which builds everything before training and so finds every
 config and data mistake; a few go through `launch.py` as a subprocess to check the exit code and stderr.

@@ -409,8 +409,8 @@ def test_open_set_threshold_by_hand():
 def test_gallery_threshold_pooled_over_open_set_splits_moves_less_with_the_seed():
   # 60 classes as noisy clusters (about 88 % of known queries right at the threshold): one open-set split
   # (30 known classes, one gallery image each) gives a threshold that hangs on which classes and images
-  # it drew. Pooling 8 splits' queries averages that draw out: the spread over 12 seeds shrinks (measured
-  # 0.56 of one split's here; 1/sqrt(8) = 0.35 were the threshold a plain mean). One split each: no gain.
+  # it drew. Pooling 8 splits' queries averages that draw out: the spread over 12 seeds shrinks, if by less
+  # than the 1/sqrt(8) of a plain mean (the threshold is not one). One split each: no gain.
   rng = np.random.default_rng(0)
   labels = np.repeat(np.arange(60), 20)
   embeddings = rng.normal(size=(60, 16))[labels] + 0.5 * rng.normal(size=(len(labels), 16))
@@ -427,7 +427,7 @@ def test_gallery_threshold_is_read_for_galleries_and_the_pair_one_for_pairs():
   record = {"scoring": "distance", "threshold": 4.0, "gallery_threshold": 2.5}
   assert verification.similarity_threshold(record) == -4.0
   assert verification.similarity_threshold(record, "gallery") == -2.5
-  del record["gallery_threshold"]  # a record written before it, or a threshold given by hand
+  del record["gallery_threshold"]  # a record without one (a threshold given by hand)
   assert verification.similarity_threshold(record, "gallery") == -4.0
 
 def test_open_set_split_is_disjoint_and_deterministic():

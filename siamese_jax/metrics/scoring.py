@@ -139,6 +139,7 @@ class DistanceScorer(Scorer):
     """Squared Euclidean distances, from the differences themselves (cosine: minus the similarity)."""
     if self.metric != "euclidean":
       return super().cost_matrix(queries, references)
+    queries, references = np.asarray(queries), np.asarray(references)
     return ((queries[:, None, :] - references[None, :, :]) ** 2).sum(-1)
 
 

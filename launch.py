@@ -211,7 +211,8 @@ def config_file_message(config_argument: str | None) -> str | None:
   if not os.path.isfile(path):
     configs = pathlib.Path(__file__).resolve().parent / "configs"
     shipped = ", ".join(sorted(f"configs/{p.name}" for p in configs.glob("*.py") if p.name != "__init__.py"))
-    return f"--config={config_argument}: no config file {path!r}" + (f" (configs shipped: {shipped})" if shipped else "")
+    listed = f" (configs shipped: {shipped})" if shipped else ""
+    return f"--config={config_argument}: no config file {path!r}{listed}"
   _, cause = load_config(config_argument)
   while cause is not None and (cause.__cause__ is not None or cause.__context__ is not None):
     cause = cause.__cause__ or cause.__context__  # the get_config error under ml_collections' wrapping

@@ -164,6 +164,15 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
                pair_probability)
 
 
+def bind_train_step(built: Setup, config: ml_collections.ConfigDict) -> Callable:
+  """`train_step(state, batch)` with everything else bound from the setup and the config: the function
+  that `DataParallel.wrap_step` compiles for the loop."""
+  return functools.partial(
+      train_step, graphdef=built.graphdef, tx=built.tx, schedule=built.schedule, loss_fn=built.loss_fn,
+      loss_options=built.loss_options, augment_config=config.augment, seed=config.seed,
+      skip_nonfinite_updates=config.train.skip_nonfinite_updates)
+
+
 def variables_of(state: TrainState):
   """The whole model state (params + batch statistics) that `embed_fn` takes."""
   return nnx.merge_state(state.params, state.model_state)
@@ -245,23 +254,143 @@ def config_changes(previous_path: pathlib.Path, resolved_json: str) -> list[str]
           if shown(old, key) != shown(new, key)]
 
 
+@dataclasses.dataclass
+class LoopState:
+  """The loop's bookkeeping from one step to the next.
+
+  The first three fields are the early-stopping record: every checkpoint saves them (its `loop` item,
+  `checkpointed()`) and a resume restores them, so patience counts across restarts. The others belong
+  to this launch and start afresh on every resume.
+  """
+
+  best_validation_accuracy: float = -1.0
+  evaluations_without_improvement: int = 0
+  early_stopped: bool = False
+  step: int = 0  # optimizer steps taken, counted on the host: reading it never waits for the device
+  preempted: bool = False  # a signal to some process stopped the loop; the run resumes later
+  pending_metrics: list = dataclasses.field(default_factory=list)  # per-step metrics still on the device
+  started: float = 0.0  # time.perf_counter() at the start of the loop: the time limit counts from here
+  last_log_time: float = 0.0  # when and at which step metrics were last logged (for steps_per_second)
+  last_log_step: int = 0
+  previous_summary: dict | None = None  # the last logged means, which `collapse_warning` compares with
+  collapse_warned: bool = False  # the collapse warning is given once per launch
+
+  CHECKPOINTED = ("best_validation_accuracy", "evaluations_without_improvement", "early_stopped")
+
+  @classmethod
+  def from_checkpoint(cls, saved: dict) -> LoopState:
+    return cls(**{name: saved[name] for name in cls.CHECKPOINTED})
+
+  def checkpointed(self) -> dict:
+    """The JSON item saved with every checkpoint."""
+    return {name: getattr(self, name) for name in self.CHECKPOINTED}
+
+  def start_clock(self) -> None:
+    self.started = self.last_log_time = time.perf_counter()
+    self.last_log_step = self.step
+
+  def out_of_time(self, limit_minutes: float) -> bool:
+    """Whether train.time_limit_minutes (0: none) has passed since `start_clock`: each launch gets the
+    whole limit, so a resumed run trains for the limit again."""
+    return limit_minutes > 0 and time.perf_counter() - self.started > 60 * limit_minutes
+
+  def record_validation(self, accuracy: float, patience: int) -> None:
+    """Early stopping: counts validations without a new best, and stops after `patience` of them (0: never)."""
+    if accuracy > self.best_validation_accuracy:
+      self.best_validation_accuracy, self.evaluations_without_improvement = accuracy, 0
+    else:
+      self.evaluations_without_improvement += 1
+    if patience and self.evaluations_without_improvement >= patience:
+      self.early_stopped = True
+      logging.info("Early stopping at step %d: no improvement in %d validations.", self.step, patience)
+
+
 def _train_and_evaluate(config, workdir: pathlib.Path, built: Setup) -> dict:
-  train_config = config.train
-  parallel = built.parallel
+  """The loop of `train_and_evaluate`: resume, then steps with validation, logging and checkpoints on
+  their schedules until the last step, early stopping, the time limit or a signal; then the report.
+
+  Steps are dispatched without waiting for the device: the host reads device values only at
+  validations and in `log_metrics` (every train.log_every steps and before every save).
+  """
+  train_config, parallel, num_steps = config.train, built.parallel, config.train.num_steps
   is_main = jax.process_index() == 0
   embed_fn = models.make_embed_fn(built.graphdef, config.eval.tta_shift_px)
   checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=train_config.max_checkpoints)
-  dataset = pipeline.train_dataset(built.splits.train, built.sampler, num_steps=train_config.num_steps,
-                                   num_workers=config.data.num_workers, process_index=jax.process_index(),
-                                   process_count=jax.process_count())
-  iterator = iter(dataset)
-  state = built.state
-  loop_state = {"best_validation_accuracy": -1.0, "evaluations_without_improvement": 0,
-                "early_stopped": False}
+  iterator = iter(pipeline.train_dataset(built.splits.train, built.sampler, num_steps=num_steps,
+                                         num_workers=config.data.num_workers, process_index=jax.process_index(),
+                                         process_count=jax.process_count()))
+  state, loop = resume(config, workdir, checkpointer, iterator, built.state)
+  writer = MetricWriter(workdir, enabled=is_main)
+  step_fn = parallel.wrap_step(bind_train_step(built, config))
+  device_state = parallel.put_state(state)
+  progress = writer.progress(total=num_steps, initial=loop.step)
+  loop.start_clock()
+  stop = loop.early_stopped or loop.step >= num_steps
+  batches = pipeline.prefetch_to_device(iterator, parallel.put_batch)
+  preemption = PreemptionSignal()
+  try:
+    while not stop:
+      batch, data_state = next(batches)
+      device_state, metrics = step_fn(device_state, batch)
+      loop.step += 1
+      loop.pending_metrics.append(metrics)
+      progress.update(1)
+      is_last = loop.step >= num_steps
+      out_of_time = loop.out_of_time(train_config.time_limit_minutes)
+      validation = None
+      if validation_due(loop.step, is_last, train_config, built.splits):
+        validation = run_validation(embed_fn, built, device_state, config)
+        writer.write(loop.step, {"accuracy": validation}, prefix="validation")
+        loop.record_validation(validation, train_config.early_stopping_patience)
+      loop.preempted, out_of_time = agree_to_stop(loop.step, train_config.log_every,
+                                                  preemption.signal_name is not None, out_of_time)
+      stop = is_last or out_of_time or loop.early_stopped or loop.preempted
+      will_save = loop.step % train_config.checkpoint_every == 0 or stop
+      if loop.step % train_config.log_every == 0 or will_save:  # before every save: see `log_metrics`
+        log_metrics(loop, built, writer, progress, train_config, checkpointer.directory)
+      if will_save:
+        checkpointer.save(loop.step, parallel.get_state(device_state), data_state, loop.checkpointed(),
+                          validation_accuracy=validation, force=stop)
+  except (FloatingPointError, UserError) as error:
+    close_after_fault(checkpointer, error)
+    raise
+  finally:
+    preemption.restore()
+    progress.close()
+  checkpointer.close()
+  training_seconds = time.perf_counter() - loop.started  # the loop and its saves, not the report below
+  if loop.preempted:
+    if is_main:
+      print(f"Stopped by {preemption.signal_name or 'a signal to another process'} at step {loop.step}; "
+            "checkpoint saved. Run the same command to resume.", flush=True)
+    writer.close()
+    return {"step": loop.step, "preempted": True}
+  final_state = parallel.local_copy(parallel.get_state(device_state))
+  results = final_report(embed_fn, final_state, built.splits, config, step=int(final_state.step),
+                         pair_probability=built.pair_probability)
+  results["training_seconds"] = training_seconds
+  results["best_validation_accuracy"] = loop.best_validation_accuracy
+  if is_main:
+    (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+  writer.close()
+  return results
+
+
+def resume(config, workdir: pathlib.Path, checkpointer: checkpoint.Checkpointer, iterator,
+           fresh_state: TrainState) -> tuple[TrainState, LoopState]:
+  """The train state and loop state to start from: the newest readable checkpoint's, or fresh ones.
+
+  Restore order: the train state (arrays; shapes and shardings from `fresh_state`), then the Grain
+  iterator position (`iterator` is set to it), then the loop's bookkeeping; the next batch drawn is then
+  the one the interrupted run would have drawn. Process 0 writes `config.json` only after the restore
+  succeeded: a config whose state the checkpoints cannot hold stops with UserError and leaves the record
+  of the config that wrote them; one that differs but fits (training longer, say) resumes with a warning.
+  """
+  is_main = jax.process_index() == 0
   resolved = config.to_json_best_effort(indent=2) + "\n"
   changes = config_changes(workdir / "config.json", resolved)
   try:
-    restored = checkpointer.restore_latest(checkpoint.abstract_like(state))
+    restored = checkpointer.restore_latest(checkpoint.abstract_like(fresh_state))
   except checkpoint.StateMismatch as error:
     checkpointer.close()
     written_by = (f"the one that wrote them ({workdir / 'config.json'}, left as it was) in: {'; '.join(changes)}"
@@ -277,117 +406,77 @@ def _train_and_evaluate(config, workdir: pathlib.Path, built: Setup) -> dict:
       print(f"warning: {workdir / 'config.json'} was written by another config; training continues from "
             f"its checkpoints with the new values: {'; '.join(changes)}", file=sys.stderr, flush=True)
     (workdir / "config.json").write_text(resolved)  # only now: a run that cannot resume keeps its record
+  state, loop = fresh_state, LoopState()
   if restored is not None:
-    # Restore order: train state (arrays, shapes from a fresh state), then the Grain iterator position,
-    # then the loop's bookkeeping; the next batch drawn is then the one the interrupted run would draw.
-    start_step, state, data_state, loop_state = restored
+    start_step, state, data_state, saved_loop = restored
     iterator.set_state(data_state)
+    loop = LoopState.from_checkpoint(saved_loop)
     if is_main:
       print(f"Resuming from the checkpoint at step {start_step} in {workdir}", flush=True)
-  start_step = int(state.step)
+  loop.step = int(state.step)
+  return state, loop
 
-  writer = MetricWriter(workdir, enabled=is_main)
-  step_fn = parallel.wrap_step(functools.partial(
-      train_step, graphdef=built.graphdef, tx=built.tx, schedule=built.schedule, loss_fn=built.loss_fn,
-      loss_options=built.loss_options, augment_config=config.augment, seed=config.seed,
-      skip_nonfinite_updates=train_config.skip_nonfinite_updates))
-  device_state = parallel.put_state(state)
-  num_steps = train_config.num_steps
-  step = start_step
-  pending_metrics = []
-  previous_summary, collapse_warned = None, False
-  progress = writer.progress(total=num_steps, initial=start_step)
-  last_log_time, last_log_step = time.perf_counter(), step
-  training_started = time.perf_counter()
-  stop = loop_state["early_stopped"] or step >= num_steps
-  preempted = False
-  batches = pipeline.prefetch_to_device(iterator, parallel.put_batch)
-  preemption = PreemptionSignal()
-  try:
-    while not stop:
-      batch, data_state = next(batches)
-      device_state, metrics = step_fn(device_state, batch)
-      step += 1
-      pending_metrics.append(metrics)
-      progress.update(1)
-      is_last = step >= num_steps
-      out_of_time = (train_config.time_limit_minutes > 0 and
-                     time.perf_counter() - training_started > 60 * train_config.time_limit_minutes)
 
-      validation = None
-      if train_config.eval_every and (step % train_config.eval_every == 0 or is_last) and \
-          built.splits.validation is not None:
-        validation = validation_accuracy(embed_fn, parallel.local_copy(parallel.get_state(device_state)),
-                                         built.splits.validation, config.eval,
-                                         seed=pipeline.split_seed(config.data, config.seed),
-                                         pair_probability=built.pair_probability)
-        if jax.process_count() > 1:  # process 0's number decides for all: they must stop at the same step
-          validation = float(multihost_utils.broadcast_one_to_all(np.float32(validation)))
-        writer.write(step, {"accuracy": validation}, prefix="validation")
-        if validation > loop_state["best_validation_accuracy"]:
-          loop_state.update(best_validation_accuracy=validation, evaluations_without_improvement=0)
-        else:
-          loop_state["evaluations_without_improvement"] += 1
-        patience = train_config.early_stopping_patience
-        if patience and loop_state["evaluations_without_improvement"] >= patience:
-          loop_state["early_stopped"] = True
-          logging.info("Early stopping at step %d: no improvement in %d validations.", step, patience)
+def validation_due(step: int, is_last: bool, train_config, splits: pipeline.Splits) -> bool:
+  """Every train.eval_every steps (0: never) and after the last one, where classes are held out."""
+  return bool(train_config.eval_every) and (step % train_config.eval_every == 0 or is_last) and \
+      splits.validation is not None
 
-      preempted, out_of_time = agree_to_stop(step, train_config.log_every,
-                                             preemption.signal_name is not None, out_of_time)
-      stop = is_last or out_of_time or loop_state["early_stopped"] or preempted
-      will_save = step % train_config.checkpoint_every == 0 or stop
-      # The only regular host sync; also before every save, so a non-finite state is never checkpointed.
-      if step % train_config.log_every == 0 or will_save:
-        fetched = jax.device_get(parallel.unreplicate_metrics(pending_metrics))
-        pending_metrics = []
-        summary = check_finite(fetched, last_step=step, skip=train_config.skip_nonfinite_updates,
-                               checkpoint_directory=checkpointer.directory, report=is_main)
-        now = time.perf_counter()
-        summary["steps_per_second"] = (step - last_log_step) / max(now - last_log_time, 1e-9)
-        last_log_time, last_log_step = now, step
-        writer.write(step, summary, prefix="train")
-        progress.set_postfix(loss=f"{summary['loss']:.4f}", steps_s=f"{summary['steps_per_second']:.2f}")
-        warning = collapse_warning(previous_summary, summary, built.loss_options.get("margin"))
-        if warning and is_main and not collapse_warned:
-          collapse_warned = True
-          logging.warning("At step %d: %s", step, warning)
-        previous_summary = summary
 
-      if will_save:
-        checkpointer.save(step, parallel.get_state(device_state), data_state, dict(loop_state),
-                          validation_accuracy=validation, force=stop)
-  except (FloatingPointError, UserError) as error:
-    # A save still in flight holds a clean state: complete it rather than abandon it (a disk error may
-    # surface again here; the first one is reported). Only where every process stops here: a non-finite
-    # loss is seen by all at the same fetch, a disk error perhaps by process 0 alone, and waiting for
-    # the others' part of a save would then wait forever.
-    if isinstance(error, FloatingPointError) or jax.process_count() == 1:
-      try:
-        checkpointer.close()
-      except Exception:  # noqa: BLE001
-        pass
-    raise
-  finally:
-    preemption.restore()
-    progress.close()
-  checkpointer.close()
-  training_seconds = time.perf_counter() - training_started  # the loop and its saves, not the report below
-  if preempted:
-    if is_main:
-      print(f"Stopped by {preemption.signal_name or 'a signal to another process'} at step {step}; "
-            "checkpoint saved. Run the same command to resume.", flush=True)
-    writer.close()
-    return {"step": step, "preempted": True}
-  final_state = parallel.local_copy(parallel.get_state(device_state))
-  results = final_report(embed_fn, final_state, built.splits, config, step=int(final_state.step),
-                         pair_probability=built.pair_probability)
-  results["training_seconds"] = training_seconds
-  results["best_validation_accuracy"] = loop_state["best_validation_accuracy"]
-  if is_main:
-    (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-  writer.close()
-  return results
+def run_validation(embed_fn, built: Setup, device_state, config) -> float:
+  """`validation_accuracy` of the model being trained; in a multi-process run, process 0's number.
+
+  Every process embeds on its own copy of the state (`local_copy`), with no program spanning processes;
+  their numbers agree up to rounding, but early stopping must stop them all at the same step.
+  """
+  parallel = built.parallel
+  validation = validation_accuracy(embed_fn, parallel.local_copy(parallel.get_state(device_state)),
+                                   built.splits.validation, config.eval,
+                                   seed=pipeline.split_seed(config.data, config.seed),
+                                   pair_probability=built.pair_probability)
+  if jax.process_count() > 1:  # process 0's number decides for all: they must stop at the same step
+    validation = float(multihost_utils.broadcast_one_to_all(np.float32(validation)))
+  return validation
+
+
+def log_metrics(loop: LoopState, built: Setup, writer: MetricWriter, progress, train_config,
+                checkpoint_directory: pathlib.Path) -> None:
+  """Fetches the metrics of the steps since the last log, checks them (`check_finite`), writes their means.
+
+  The loop's only regular host sync. It also runs before every save, so a non-finite state is never
+  checkpointed. Warns once per launch when the embeddings collapse (`collapse_warning`).
+  """
+  is_main = jax.process_index() == 0
+  fetched = jax.device_get(built.parallel.unreplicate_metrics(loop.pending_metrics))
+  loop.pending_metrics = []
+  summary = check_finite(fetched, last_step=loop.step, skip=train_config.skip_nonfinite_updates,
+                         checkpoint_directory=checkpoint_directory, report=is_main)
+  now = time.perf_counter()
+  summary["steps_per_second"] = (loop.step - loop.last_log_step) / max(now - loop.last_log_time, 1e-9)
+  loop.last_log_time, loop.last_log_step = now, loop.step
+  writer.write(loop.step, summary, prefix="train")
+  progress.set_postfix(loss=f"{summary['loss']:.4f}", steps_s=f"{summary['steps_per_second']:.2f}")
+  warning = collapse_warning(loop.previous_summary, summary, built.loss_options.get("margin"))
+  if warning and is_main and not loop.collapse_warned:
+    loop.collapse_warned = True
+    logging.warning("At step %d: %s", loop.step, warning)
+  loop.previous_summary = summary
+
+
+def close_after_fault(checkpointer: checkpoint.Checkpointer, error: Exception) -> None:
+  """Completes a save still in flight after a non-finite loss or a disk error ends the loop.
+
+  That save holds a clean state: complete it rather than abandon it (a disk error may surface again
+  here; the first one is reported). Only where every process stops here: a non-finite loss is seen by
+  all at the same fetch, a disk error perhaps by process 0 alone, and waiting for the others' part of
+  a save would then wait forever.
+  """
+  if isinstance(error, FloatingPointError) or jax.process_count() == 1:
+    try:
+      checkpointer.close()
+    except Exception:  # noqa: BLE001
+      pass
+
 
 
 def check_finite(fetched: list[dict], *, last_step: int, skip: bool, checkpoint_directory: pathlib.Path,

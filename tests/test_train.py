@@ -193,3 +193,25 @@ def test_batch_hard_collapse_is_warned_about_in_the_training_log(omniglot_dir, t
   from siamese_jax.writers import read_metrics
   last = [m for m in read_metrics(tmp_path) if "train/mean_negative_distance" in m][-1]
   assert last["step"] == 120 and last["train/mean_negative_distance"] < 0.02  # a tenth of the margin
+
+
+def test_loop_state_saves_the_early_stopping_record_and_stops_after_patience():
+  """What a checkpoint's `loop` item holds (its keys are the checkpoint format), and early stopping."""
+  from siamese_jax.train import LoopState
+  loop = LoopState(step=7)
+  assert loop.checkpointed() == {"best_validation_accuracy": -1.0, "evaluations_without_improvement": 0,
+                                 "early_stopped": False}
+  for accuracy, without_improvement in ((0.5, 0), (0.7, 0), (0.7, 1)):  # equal is no improvement
+    loop.record_validation(accuracy, patience=2)
+    assert (loop.best_validation_accuracy, loop.evaluations_without_improvement) == (accuracy, without_improvement)
+    assert not loop.early_stopped
+  loop.record_validation(0.6, patience=2)
+  assert loop.checkpointed() == {"best_validation_accuracy": 0.7, "evaluations_without_improvement": 2,
+                                 "early_stopped": True}
+  # A resume restores the record; the rest (step, pending metrics, clocks) belongs to each launch.
+  resumed = LoopState.from_checkpoint(loop.checkpointed())
+  assert resumed.checkpointed() == loop.checkpointed() and resumed.step == 0 and resumed.pending_metrics == []
+  never = LoopState()
+  for _ in range(5):
+    never.record_validation(0.1, patience=0)
+  assert not never.early_stopped and never.evaluations_without_improvement == 4

@@ -86,7 +86,7 @@ def make_sampler(config: ml_collections.ConfigDict, source) -> sampling.Sampler:
 
 def make_step(built: train.Setup, config: ml_collections.ConfigDict):
   """The jitted, data-parallel step exactly as `train.train_and_evaluate` wraps it (state donated)."""
-  options = {}
+  options = {"loss_uses_pair_head": built.loss_uses_pair_head}  # Koch's loss gets the model's pair head
   if "skip_nonfinite_updates" in config.train:  # newer train_step: the same select the loop compiles
     options["skip_nonfinite_updates"] = config.train.skip_nonfinite_updates
   return built.parallel.wrap_step(functools.partial(

@@ -2,10 +2,14 @@
 
 Every loss has the signature of Contract 4 (docs/architecture.md):
 
-  loss(embeddings [B, k, D], labels [B, k], *, pair_logits_fn=None, **options) -> (scalar, metrics)
+  loss(embeddings [B, k, D], labels [B, k], **options) -> (scalar, metrics)
 
-and runs inside the jitted train step on the *global* batch, so it is pure `jnp`: no Python loops over
-examples, no data-dependent shapes. Anchors without a positive or a negative, classes with a single
+except the losses in PAIR_HEAD_LOSSES, which score pairs with the model's own head and take it as a
+third input: `loss(embeddings, labels, pair_logits_fn, **options)`. Inputs are positional and options
+keyword-only, so a loss's options (and their defaults) are read from its signature.
+
+Every loss runs inside the jitted train step on the *global* batch, so it is pure `jnp`: no Python loops
+over examples, no data-dependent shapes. Anchors without a positive or a negative, classes with a single
 example and similar holes are handled with masks, so a bad batch gives a zero loss, never a NaN.
 
 Which batch layout a loss wants (Contract 2) is answered by `batch_kind(name, options)`: the pipeline
@@ -117,12 +121,13 @@ def _pair_masks(labels: jax.Array) -> tuple[jax.Array, jax.Array]:
 # Pair losses (k = 2).
 
 
-def koch_bce(embeddings: jax.Array, labels: jax.Array, *, pair_logits_fn: PairLogitsFn | None = None
+def koch_bce(embeddings: jax.Array, labels: jax.Array, pair_logits_fn: PairLogitsFn | None = None
              ) -> tuple[jax.Array, Metrics]:
   """Koch et al. 2015: sigmoid cross-entropy on the model's weighted-L1 pair logit.
 
-  The head (sigma(sum_j alpha_j |e1_j - e2_j|)) belongs to the model, so the caller passes it as
-  `pair_logits_fn`; the loss only knows that a positive logit means "same class".
+  The head (sigma(sum_j alpha_j |e1_j - e2_j|)) belongs to the model, so the train step passes it as
+  `pair_logits_fn` (this loss is in PAIR_HEAD_LOSSES); the loss only knows that a positive logit means
+  "same class". None (no head given) is a UserError.
   """
   _check_layout("koch_bce", embeddings, labels, k=2)
   if pair_logits_fn is None:
@@ -142,14 +147,12 @@ def koch_bce(embeddings: jax.Array, labels: jax.Array, *, pair_logits_fn: PairLo
   return loss, metrics
 
 
-def contrastive(embeddings: jax.Array, labels: jax.Array, *, pair_logits_fn: PairLogitsFn | None = None,
-                margin: float = 1.0) -> tuple[jax.Array, Metrics]:
+def contrastive(embeddings: jax.Array, labels: jax.Array, *, margin: float = 1.0) -> tuple[jax.Array, Metrics]:
   """Hadsell, Chopra & LeCun 2006 (eq. 4), with their factor 1/2, averaged over pairs:
 
     same pair:       1/2 * d^2
     different pair:  1/2 * max(0, margin - d)^2,       d = Euclidean distance (not squared).
   """
-  del pair_logits_fn  # The contract passes it to every loss; this one works on embeddings alone.
   _check_layout("contrastive", embeddings, labels, k=2)
   embeddings = embeddings.astype(jnp.float32)
   same = labels[:, 0] == labels[:, 1]
@@ -247,8 +250,7 @@ def _triplet_semi_hard(distances, positive_mask, negative_mask, margin):
   return _triplet_result(_masked_mean(hinge, valid), hinge, valid, distances, negative_distance)
 
 
-def triplet(embeddings: jax.Array, labels: jax.Array, *, pair_logits_fn: PairLogitsFn | None = None,
-            margin: float = 0.2, distance: str = "squared_euclidean", mining: str = "batch_hard"
+def triplet(embeddings: jax.Array, labels: jax.Array, *, margin: float = 0.2, distance: str = "squared_euclidean", mining: str = "batch_hard"
             ) -> tuple[jax.Array, Metrics]:
   """Triplet loss max(0, margin + d(a, p) - d(a, n)) with the chosen mining.
 
@@ -270,7 +272,6 @@ def triplet(embeddings: jax.Array, labels: jax.Array, *, pair_logits_fn: PairLog
     mean_positive_distance   mean d(a, p)
     mean_negative_distance   mean d(a, n)
   """
-  del pair_logits_fn  # The contract passes it to every loss; this one works on embeddings alone.
   _check_choice("distance", distance, DISTANCES)
   _check_choice("mining", mining, MINING)
   _check_layout("triplet", embeddings, labels, k=3 if mining == "none" else None)
@@ -290,8 +291,7 @@ def triplet(embeddings: jax.Array, labels: jax.Array, *, pair_logits_fn: PairLog
 # Episode loss (m-per-class batches).
 
 
-def prototypical(embeddings: jax.Array, labels: jax.Array, *, pair_logits_fn: PairLogitsFn | None = None
-                 ) -> tuple[jax.Array, Metrics]:
+def prototypical(embeddings: jax.Array, labels: jax.Array) -> tuple[jax.Array, Metrics]:
   """Snell et al. 2017 prototypical loss, as an in-batch episode with leave-one-out prototypes.
 
   Each row is a query; the prototype of each class in the batch is the mean of its embeddings, except
@@ -304,7 +304,6 @@ def prototypical(embeddings: jax.Array, labels: jax.Array, *, pair_logits_fn: Pa
   For a class of n examples with mean P, the leave-one-out prototype of member e is (nP - e)/(n - 1), so
   e - prototype = n/(n - 1) (e - P): one matmul against the class means gives every distance.
   """
-  del pair_logits_fn  # The contract passes it to every loss; this one works on embeddings alone.
   _check_layout("prototypical", embeddings, labels)
   embeddings = embeddings.astype(jnp.float32).reshape(-1, embeddings.shape[-1])
   labels = labels.reshape(-1)
@@ -347,6 +346,10 @@ LOSSES: dict[str, LossFn] = {
     "prototypical": prototypical,
 }
 
+# Losses that score pairs with the model's pair head (`model.pair_logits`): the train step passes the
+# head to these as their third input, and only to these; a model with a head trains only with them.
+PAIR_HEAD_LOSSES = frozenset({"koch_bce"})
+
 
 def get_loss(name: str) -> LossFn:
   """The loss called `name`; a UserError lists the valid names."""
@@ -355,11 +358,17 @@ def get_loss(name: str) -> LossFn:
   return LOSSES[name]
 
 
+def needs_pair_head(name: str) -> bool:
+  """Whether loss `name` takes the model's pair head (PAIR_HEAD_LOSSES); a UserError for unknown names."""
+  get_loss(name)
+  return name in PAIR_HEAD_LOSSES
+
+
 def loss_option_defaults(name: str) -> dict[str, Any]:
-  """The options a loss takes and their defaults, read from its signature (the one source of truth)."""
+  """The options a loss takes and their defaults, read from its signature (the one source of truth): its
+  keyword-only parameters (the inputs, pair head included, are positional)."""
   parameters = inspect.signature(get_loss(name)).parameters.values()
-  return {p.name: p.default for p in parameters
-          if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "pair_logits_fn"}
+  return {p.name: p.default for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def validate_loss_options(name: str, options: Mapping[str, Any]) -> None:

@@ -47,12 +47,14 @@ class TrainState:
 
 def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTransformation,
                schedule: Callable, loss_fn: Callable, loss_options: dict, augment_config,
-               seed: int, skip_nonfinite_updates: bool = False) -> tuple[TrainState, dict]:
+               seed: int, loss_uses_pair_head: bool = False,
+               skip_nonfinite_updates: bool = False) -> tuple[TrainState, dict]:
   """One optimizer step, written per device with collectives over `AXIS` (see parallel.py).
 
   Each example's distortion key is fold_in(step key, its index in the *global* batch), and embeddings
   are all-gathered before the loss, so the step computes the same numbers on 1 or N devices.
-  `metrics["finite"]` says whether the loss and gradient were finite; it stays on the device (the loop
+  `loss_uses_pair_head` (`losses.needs_pair_head`) passes the model's pair head to the loss as its
+  third input. `metrics["finite"]` says whether the loss and gradient were finite; it stays on the device (the loop
   checks it at its periodic fetch). With `skip_nonfinite_updates` a non-finite step leaves parameters,
   batch statistics and optimizer state as they were (the step counter and the data still move on).
   """
@@ -71,8 +73,8 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTr
     # Every device computes the loss of the global batch; dividing by the device count makes the psum of
     # the per-device gradients below (all_gather transposes to a sum) equal the one-device gradient.
     all_embeddings = jax.lax.all_gather(embeddings, AXIS, tiled=True)
-    pair_logits_fn = model.pair_logits if models.has_pair_head(model) else None
-    loss, metrics = loss_fn(all_embeddings, labels, pair_logits_fn=pair_logits_fn, **loss_options)
+    head = (model.pair_logits,) if loss_uses_pair_head else ()
+    loss, metrics = loss_fn(all_embeddings, labels, *head, **loss_options)
     _, _, new_model_state = nnx.split(model, nnx.Param, ...)
     return loss / num_devices, (loss, metrics, new_model_state)
 
@@ -115,6 +117,7 @@ class Setup:
   sampler: sampling.Sampler
   loss_fn: Callable
   loss_options: dict
+  loss_uses_pair_head: bool  # `losses.needs_pair_head`: the train step passes the model's head to the loss
   # `models.make_pair_probability_fn` for a model with a pair head (it is scored by it), else None;
   # built once, so validating every eval_every steps reuses one compiled head.
   pair_probability: Callable | None = None
@@ -138,11 +141,12 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
       classes_per_group=config.sampling.classes_per_group)
   losses.check_batch_kind(config.loss.name, loss_options, sampler.kind)
   model = models.create(config.model, image_shape=train_source.image_shape, rngs=nnx.Rngs(config.seed))
-  if config.loss.name == "koch_bce" and not models.has_pair_head(model):
-    raise UserError(f"loss.name='koch_bce' scores pairs with Koch's weighted-L1 head, which "
+  loss_uses_pair_head = losses.needs_pair_head(config.loss.name)
+  if loss_uses_pair_head and not models.has_pair_head(model):
+    raise UserError(f"loss.name='{config.loss.name}' scores pairs with Koch's weighted-L1 head, which "
                     f"model.name='{config.model.name}' lacks; set model.pair_head=True, use model.name='koch', "
                     "or a pair loss such as 'contrastive'.")
-  if config.loss.name != "koch_bce" and models.has_pair_head(model):
+  if not loss_uses_pair_head and models.has_pair_head(model):
     raise UserError(f"model.name='{config.model.name}' has Koch's pair head, which scores every validation and "
                     f"evaluation, but only loss.name='koch_bce' trains it (loss.name='{config.loss.name}'); "
                     "use koch_bce, or a model without the head (model.pair_head=False; conv4 or resnet).")
@@ -161,7 +165,7 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   pair_probability = (models.make_pair_probability_fn(models.make_pair_logits_fn(graphdef))
                       if models.has_pair_head(model) else None)
   return Setup(splits, parallel, graphdef, state, tx, schedule, sampler, loss_fn, loss_options,
-               pair_probability)
+               loss_uses_pair_head, pair_probability)
 
 
 def bind_train_step(built: Setup, config: ml_collections.ConfigDict) -> Callable:
@@ -170,7 +174,7 @@ def bind_train_step(built: Setup, config: ml_collections.ConfigDict) -> Callable
   return functools.partial(
       train_step, graphdef=built.graphdef, tx=built.tx, schedule=built.schedule, loss_fn=built.loss_fn,
       loss_options=built.loss_options, augment_config=config.augment, seed=config.seed,
-      skip_nonfinite_updates=config.train.skip_nonfinite_updates)
+      loss_uses_pair_head=built.loss_uses_pair_head, skip_nonfinite_updates=config.train.skip_nonfinite_updates)
 
 
 def variables_of(state: TrainState):

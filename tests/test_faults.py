@@ -124,8 +124,8 @@ def poison_step(monkeypatch, bad_step: int) -> None:
   original = train.train_step
 
   def poisoned(state, batch, *, loss_fn, **kwargs):
-    def loss_with_nan(embeddings, labels, **options):
-      loss, metrics = loss_fn(embeddings, labels, **options)
+    def loss_with_nan(*inputs, **options):
+      loss, metrics = loss_fn(*inputs, **options)
       return loss * jnp.where(state.step + 1 == bad_step, jnp.nan, 1.0), metrics
     return original(state, batch, loss_fn=loss_with_nan, **kwargs)
 

@@ -1,6 +1,7 @@
 """Loss values worked out by hand on tiny batches; masks, gradients, layouts and the registry."""
 
 import functools
+import inspect
 import itertools
 import math
 
@@ -22,11 +23,10 @@ def column(*labels: int) -> jnp.ndarray:
   return jnp.asarray(labels, jnp.int32)[:, None]
 
 
-def run(name: str, embeddings, labels, **options):
-  """Every loss is called jitted, as in the train step."""
-  pair_logits_fn = options.pop("pair_logits_fn", None)
-  fn = jax.jit(functools.partial(losses.get_loss(name), pair_logits_fn=pair_logits_fn, **options))
-  loss, metrics = fn(embeddings, labels)
+def run(name: str, embeddings, labels, *head, **options):
+  """Every loss is called jitted, as in the train step; `head` is the pair head, for the losses that take it."""
+  loss_fn = losses.get_loss(name)
+  loss, metrics = jax.jit(lambda e, l: loss_fn(e, l, *head, **options))(embeddings, labels)
   return float(loss), {key: float(value) for key, value in metrics.items()}
 
 
@@ -48,7 +48,7 @@ def test_koch_bce_by_hand():
   logits = jnp.asarray([ln3, 0.0, -ln3, ln3], jnp.float32)
   embeddings = jnp.stack([logits[:, None], jnp.zeros((4, 1))], axis=1)  # [4, 2, 1]
   labels = jnp.asarray([[5, 5], [7, 7], [1, 2], [3, 9]], jnp.int32)
-  loss, metrics = run("koch_bce", embeddings, labels, pair_logits_fn=first_coordinate_logit)
+  loss, metrics = run("koch_bce", embeddings, labels, first_coordinate_logit)
   assert loss == pytest.approx((7 * math.log(2) - 2 * ln3) / 4, rel=1e-6)
   assert metrics["accuracy"] == pytest.approx(0.5)
   assert metrics["mean_prob_same"] == pytest.approx((0.75 + 0.5) / 2, rel=1e-6)
@@ -61,8 +61,7 @@ def test_koch_bce_needs_the_pair_head_and_pairs():
   with pytest.raises(UserError, match="pair_logits"):
     losses.koch_bce(embeddings, labels)
   with pytest.raises(UserError, match="k=2"):
-    losses.koch_bce(jnp.zeros((2, 3, 3)), jnp.zeros((2, 3), jnp.int32),
-                    pair_logits_fn=first_coordinate_logit)
+    losses.koch_bce(jnp.zeros((2, 3, 3)), jnp.zeros((2, 3), jnp.int32), first_coordinate_logit)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -423,6 +422,18 @@ def test_registry_and_unknown_name():
   assert losses.get_loss("triplet") is losses.triplet
   with pytest.raises(UserError, match="contrastive, koch_bce, prototypical, triplet"):
     losses.get_loss("tripplet")
+
+
+def test_only_the_pair_head_losses_take_the_head():
+  """The registry says which losses score pairs with the model's head; the others have no such input."""
+  assert [name for name in sorted(losses.LOSSES) if losses.needs_pair_head(name)] == ["koch_bce"]
+  assert list(inspect.signature(losses.koch_bce).parameters)[:3] == ["embeddings", "labels", "pair_logits_fn"]
+  for name in ("contrastive", "triplet", "prototypical"):
+    inputs = [p.name for p in inspect.signature(losses.get_loss(name)).parameters.values()
+              if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+    assert inputs == ["embeddings", "labels"], name
+  with pytest.raises(UserError, match="loss name 'nope' is not known"):
+    losses.needs_pair_head("nope")
 
 
 def test_option_defaults_and_validation():

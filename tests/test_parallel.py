@@ -1,7 +1,5 @@
 """Data parallelism: pmap, shard_map and one device give the same parameters (4 fake CPU devices)."""
 
-import functools
-
 import jax
 import numpy as np
 import pytest
@@ -14,9 +12,7 @@ from siamese_jax.data import pipeline
 def run_steps(config, num_steps: int):
   """Trains `num_steps` steps with the config's parallel strategy; returns the canonical final state."""
   built = train.setup(config)
-  step_fn = built.parallel.wrap_step(functools.partial(
-      train.train_step, graphdef=built.graphdef, tx=built.tx, schedule=built.schedule, loss_fn=built.loss_fn,
-      loss_options=built.loss_options, augment_config=config.augment, seed=config.seed))
+  step_fn = built.parallel.wrap_step(train.bind_train_step(built, config))
   state = built.parallel.put_state(built.state)
   dataset = pipeline.train_dataset(built.splits.train, built.sampler, num_steps=num_steps)
   metrics = None

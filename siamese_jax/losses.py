@@ -250,8 +250,8 @@ def _triplet_semi_hard(distances, positive_mask, negative_mask, margin):
   return _triplet_result(_masked_mean(hinge, valid), hinge, valid, distances, negative_distance)
 
 
-def triplet(embeddings: jax.Array, labels: jax.Array, *, margin: float = 0.2, distance: str = "squared_euclidean", mining: str = "batch_hard"
-            ) -> tuple[jax.Array, Metrics]:
+def triplet(embeddings: jax.Array, labels: jax.Array, *, margin: float = 0.2, distance: str = "squared_euclidean",
+            mining: str = "batch_hard") -> tuple[jax.Array, Metrics]:
   """Triplet loss max(0, margin + d(a, p) - d(a, n)) with the chosen mining.
 
   distance: "euclidean" (Hermans et al. 2017), "squared_euclidean" (FaceNet) or "cosine" (1 - cosine

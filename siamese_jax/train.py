@@ -54,7 +54,9 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTr
   Each example's distortion key is fold_in(step key, its index in the *global* batch), and embeddings
   are all-gathered before the loss, so the step computes the same numbers on 1 or N devices.
   `loss_uses_pair_head` (`losses.needs_pair_head`) passes the model's pair head to the loss as its
-  third input. `metrics["finite"]` says whether the loss and gradient were finite; it stays on the device (the loop
+  third input.
+
+  `metrics["finite"]` says whether the loss and gradient were finite; it stays on the device (the loop
   checks it at its periodic fetch). With `skip_nonfinite_updates` a non-finite step leaves parameters,
   batch statistics and optimizer state as they were (the step counter and the data still move on).
   """

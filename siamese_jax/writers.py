@@ -6,10 +6,14 @@ Only the main process writes; other processes get writers that do nothing, so th
 from __future__ import annotations
 
 import json
+import logging
+import os
 import pathlib
 import sys
 
 from tqdm.auto import tqdm
+
+METRICS_FILENAME = "metrics.jsonl"
 
 
 class MetricWriter:
@@ -17,9 +21,10 @@ class MetricWriter:
 
   def __init__(self, workdir: str | pathlib.Path, enabled: bool = True):
     self.enabled = enabled
-    self.path = pathlib.Path(workdir) / "metrics.jsonl"
+    self.path = pathlib.Path(workdir) / METRICS_FILENAME
     self._tensorboard = None
     if enabled:
+      drop_incomplete_last_line(self.path)
       from tensorboardX import SummaryWriter  # imported lazily: only the main process needs it
       self._tensorboard = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
 
@@ -41,7 +46,41 @@ class MetricWriter:
       self._tensorboard.close()
 
 
+def drop_incomplete_last_line(path: pathlib.Path) -> None:
+  """Cuts off a last line that lacks its newline: what a run killed while appending a line leaves.
+
+  Without this, a resumed run's first record would be glued onto the fragment, and both would be lost.
+  Nothing is lost by cutting: every line is written before the checkpoint of its step, so the fragment
+  belongs to a step after the newest checkpoint, which the resumed run trains and logs again.
+  """
+  try:
+    data = path.read_bytes()
+  except FileNotFoundError:
+    return
+  if not data or data.endswith(b"\n"):
+    return
+  keep = data.rfind(b"\n") + 1
+  os.truncate(path, keep)
+  logging.warning("%s: dropped an incomplete last line (the run was stopped while writing it): %r", path,
+                  data[keep:keep + 80].decode("ascii", errors="replace"))
+
+
 def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
-  """The metrics log as a list of dicts (for plots and tests)."""
-  path = pathlib.Path(workdir) / "metrics.jsonl"
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+  """The metrics log as a list of dicts (for plots and tests).
+
+  A line that is not complete JSON (the last line of a run killed while appending it) is skipped with a
+  warning, so a killed run's log can still be read and plotted.
+  """
+  path = pathlib.Path(workdir) / METRICS_FILENAME
+  if not path.exists():
+    return []
+  records = []
+  for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      logging.warning("%s: skipped line %d, which is not complete JSON (as a run stopped while writing a "
+                      "line leaves it): %r", path, number, line[:80])
+  return records

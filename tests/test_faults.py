@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from siamese_jax import checkpoint, train
+from siamese_jax.writers import read_metrics
 from test_multiprocess import (OVERRIDES, REPO, largest_difference, make_config, read_state, worker_command,
                                worker_environment)
 
@@ -167,7 +168,7 @@ def test_skip_nonfinite_updates_leaves_the_state_unchanged(tmp_path, monkeypatch
     jax.tree.map(np.testing.assert_array_equal, getattr(states[5], part), getattr(states[4], part))
   assert largest_difference(states[6].params, states[5].params) > 1e-4  # training went on
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(states[6]))
-  logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  logged = read_metrics(tmp_path)
   assert [line["train/skipped_updates"] for line in logged if "train/skipped_updates" in line] == \
       [0, 0, 0, 0, 1, 0, 0, 0]
 

@@ -205,6 +205,7 @@ def largest_difference(a, b) -> float:
 
 from siamese_jax import distributed  # noqa: E402
 from siamese_jax.errors import UserError  # noqa: E402
+from siamese_jax.writers import read_metrics  # noqa: E402
 
 # How long the coordination service waits for a silent process in these tests: the product's default.
 # When a process dies, the survivor's next collective fails and says so in one line; where that
@@ -284,8 +285,7 @@ def test_two_processes_train_like_one(one_process, two_processes):
                expected.model_state)
 
   # Only process 0 writes logs and results, and each step is logged once.
-  logged_steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()
-                  if "train/loss" in line]
+  logged_steps = [record["step"] for record in read_metrics(workdir) if "train/loss" in record]
   assert logged_steps == [2, 4, 6, 8]
   results = json.loads((workdir / "results.json").read_text())
   assert results["step"] == NUM_STEPS

@@ -6,6 +6,7 @@ state, the Grain iterator position and the loop's bookkeeping.
 """
 
 import json
+import logging
 import os
 import pathlib
 import signal
@@ -215,3 +216,44 @@ def test_loop_state_saves_the_early_stopping_record_and_stops_after_patience():
   for _ in range(5):
     never.record_validation(0.1, patience=0)
   assert not never.early_stopped and never.evaluations_without_improvement == 4
+
+
+# --------------------------------------------------------------------------------------------------
+# metrics.jsonl after a kill during an append
+
+
+def write_killed_log(workdir: pathlib.Path) -> None:
+  """Two complete records, then the first bytes of a third, as a kill during `MetricWriter.write` leaves."""
+  complete = [{"step": 2, "train/loss": 1.5}, {"step": 4, "validation/accuracy": 0.25}]
+  third = json.dumps({"step": 4, "train/loss": 1.25})
+  (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in complete) + third[:17])
+
+
+def test_read_metrics_skips_a_truncated_last_line_with_a_warning(tmp_path, caplog):
+  from siamese_jax.writers import read_metrics
+  write_killed_log(tmp_path)
+  with caplog.at_level(logging.WARNING):
+    records = read_metrics(tmp_path)
+  assert records == [{"step": 2, "train/loss": 1.5}, {"step": 4, "validation/accuracy": 0.25}]
+  assert "skipped line 3, which is not complete JSON" in caplog.text and '{"step": 4, "trai' in caplog.text
+
+
+def test_resumed_writer_never_glues_a_record_onto_a_truncated_line(tmp_path, caplog):
+  """The resumed run's writer cuts the fragment off (its step is logged again), then appends whole lines."""
+  from siamese_jax.writers import MetricWriter, read_metrics
+  write_killed_log(tmp_path)
+  with caplog.at_level(logging.WARNING):
+    writer = MetricWriter(tmp_path)
+  assert "dropped an incomplete last line" in caplog.text
+  writer.write(4, {"loss": 1.25}, prefix="train")
+  writer.close()
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    records = read_metrics(tmp_path)
+  assert records == [{"step": 2, "train/loss": 1.5}, {"step": 4, "validation/accuracy": 0.25},
+                     {"step": 4, "train/loss": 1.25}]
+  assert caplog.text == ""
+  # A complete log is left as it is.
+  before = (tmp_path / "metrics.jsonl").read_bytes()
+  MetricWriter(tmp_path).close()
+  assert (tmp_path / "metrics.jsonl").read_bytes() == before

@@ -17,6 +17,11 @@ and then terminates the survivors with an error that says so. The default here (
 (100 s), long enough for a slow step or a garbage-collection pause, and longer than gloo's 30 s wait for a
 peer when a collective first connects, so that the survivor's own collective can fail first and
 `peer_failure` turn that into one line (a heartbeat abort is a C++ stack trace).
+
+That one line is for the death of any process but process 0. The coordination service runs inside
+process 0, and when it goes, JAX's C++ client in every other process aborts at once (SIGABRT, its own
+"another task died" message and a stack trace) before any Python code can see an error; jaxlib offers no
+setting that changes this (docs/scaling.md says exactly why). The checkpoints are as safe either way.
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import time
 
 import jax
+import orbax.checkpoint as ocp
 
 from siamese_jax.errors import UserError
 
@@ -208,7 +215,6 @@ def exit_after_peer_failure(error: BaseException, exit_code: int = 3) -> None:
   A normal exit would run JAX's shutdown, whose barrier waits for the dead process until the heartbeat
   timeout and then aborts with a stack trace that buries the message.
   """
-  import sys
   print(f"error: {error}", file=sys.stderr, flush=True)
   sys.stdout.flush()
   os._exit(exit_code)
@@ -223,7 +229,6 @@ def wait_for_all(name: str, timeout_seconds: float = DEFAULT_INITIALIZATION_TIME
   """
   if jax.process_count() == 1:
     return
-  import orbax.checkpoint as ocp
   ocp.multihost.get_barrier_sync_fn()(key=f"siamese_jax_{name}", timeout_ms=int(timeout_seconds * 1000))
 
 

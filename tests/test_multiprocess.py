@@ -208,10 +208,9 @@ from siamese_jax.errors import UserError  # noqa: E402
 from siamese_jax.writers import read_metrics  # noqa: E402
 
 # How long the coordination service waits for a silent process in these tests: the product's default.
-# When a process dies, the survivor's next collective fails and says so in one line; where that
-# collective first sets up its gloo connections it can wait up to gloo's 30 s for the dead peer before
-# it fails. The heartbeat timeout must outlast that, or JAX's heartbeat abort (a C++ stack trace) comes
-# first: at 10 s, and at 30 s (a tie with gloo's wait), it did so in CI.
+# When a worker dies, process 0's next collective fails and says so in one line; where that collective
+# first sets up its gloo connections it can wait up to gloo's 30 s for the dead peer before it fails. The
+# heartbeat timeout must clearly outlast that, or JAX's heartbeat abort (a C++ stack trace) can come first.
 HEARTBEAT_SECONDS = distributed.DEFAULT_HEARTBEAT_TIMEOUT_SECONDS
 
 
@@ -340,7 +339,10 @@ def test_survivor_exits_when_a_process_dies(tmp_path, dead):
   assert waited < HEARTBEAT_SECONDS + 30, f"took {waited:.0f} s to notice"
   if dead == 1:
     # Process 0 finds out in its next collective and says so in one line.
-    assert "lost contact with another process of this run" in stderr, stderr[-3000:]
+    assert returncode == 3 and "lost contact with another process of this run" in stderr, stderr[-3000:]
   else:
-    # Process 1 loses the coordination service, which lived in process 0: JAX ends it and says why.
-    assert "another task died" in stderr or "lost contact with another process" in stderr, stderr[-3000:]
+    # Process 1 loses the coordination service, which lives in process 0: JAX's C++ client aborts it at once,
+    # before Python sees any error (docs/scaling.md says why nothing can change that), or, should one of its
+    # collectives fail first, it says so in the one line.
+    assert (returncode == -signal.SIGABRT and "another task died" in stderr) or \
+        (returncode == 3 and "lost contact with another process of this run" in stderr), stderr[-3000:]

@@ -30,7 +30,7 @@ AFFINE_FIELDS = ("probability", "rotation_deg", "shear", "scale_min", "scale_max
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """Koch et al. (2015) distortion ranges; `config.augment` in the experiment configs."""
+  """Koch et al. (2015) distortion ranges; `config.augment` in the configs."""
   config = ml_collections.ConfigDict()
   config.enabled = True  # False: images are only converted to float (to_float), no distortion
   config.probability = 0.5  # chance that each of the 7 components (theta, rho_x/y, s_x/y, t_x/y) is applied

@@ -256,9 +256,9 @@ def triplet(embeddings: jax.Array, labels: jax.Array, *, margin: float = 0.2, di
 
   distance: "euclidean" (Hermans et al. 2017), "squared_euclidean" (FaceNet) or "cosine" (1 - cosine
     similarity). The squared distance's gradient, 2 (a - p), vanishes as embeddings draw together; the
-    plain distance's is a unit vector at any scale. That alone did not stop batch-hard mining from
-    collapsing every embedding onto one point on Omniglot from initialisation; semi-hard mining did
-    (configs/omniglot_triplet.py).
+    plain distance's is a unit vector at any scale. That alone does not stop batch-hard mining from
+    collapsing every embedding onto one point on Omniglot from initialisation; semi-hard mining does
+    (configs/ablations/omniglot_triplet.py).
   mining:
     "none"        explicit triplet batches (k = 3: anchor, positive, negative); mean over triplets.
     "batch_all"   all valid in-batch triplets; mean over the active ones (hinge > 0).

@@ -62,8 +62,8 @@ def _batch_norm_train(x, scale, bias, epsilon: float, axis_name: str):
   Returns (y, mean, var): nnx.BatchNorm's numbers (E[x^2] - E[x]^2 variance, floored at 0; gradients
   equal to autodiff's within float rounding), with a hand-written backward pass whose per-channel sums
   are matrix products (`_channel_sums`). Autodiff of nnx.BatchNorm instead emits several reductions over
-  the activations, which XLA:CPU runs far below memory speed; BatchNorm was about half of the conv4
-  step. Measured on 2 cores (benchmarks/run.py case "conv4, 128 triplets"): about 12-15 % faster step.
+  the activations, which XLA:CPU runs far below memory speed, and BatchNorm is a large part of the conv4
+  step. The speed-up is measured by benchmarks/run.py (the conv4 train-step cases).
   """
   return _batch_norm_forward(x, scale, bias, epsilon, axis_name)[0]
 
@@ -131,10 +131,10 @@ def _batch_norm(num_features: int, momentum: float, rngs: nnx.Rngs) -> nnx.Batch
 def _max_pool_2(x: jax.Array) -> jax.Array:
   """2x2 max-pool, stride 2, VALID: odd sizes are floored (7 -> 3), as in the ProtoNet and Koch papers.
 
-  Written as a reshape and a max rather than `nnx.max_pool` (reduce_window): same forward values,
-  but XLA:CPU's gradient of reduce_window (select-and-scatter) was 4.5x slower (measured on the
-  Koch and conv4 activations), and pooling dominated the conv4 backward pass. Ties in a window share
-  the gradient instead of giving it to one element; both are valid subgradients.
+  Written as a reshape and a max rather than `nnx.max_pool` (reduce_window): same forward values, but
+  XLA:CPU computes the gradient of reduce_window (select-and-scatter) several times slower than that of
+  a max, and pooling is a large part of the backward pass of both networks. Ties in a window share the
+  gradient instead of giving it to one element; both are valid subgradients.
   """
   batch, height, width, channels = x.shape
   height, width = height // 2, width // 2
@@ -426,8 +426,9 @@ def parameter_count(model: nnx.Module) -> int:
 
 
 def _merge_eval(graphdef: nnx.GraphDef, variables: Any) -> nnx.Module:
-  # copy=True gives the traced function its own Variables (the GUIDE's fix for the trace-context error
-  # with BatchNorm); eval() then freezes batch statistics, so nothing needs to be written back.
+  # copy=True gives the traced function its own Variables (without it, merging BatchNorm's state inside
+  # a traced function raises a trace-context error); eval() then freezes batch statistics, so nothing
+  # needs to be written back.
   states = tuple(variables) if isinstance(variables, (tuple, list)) else (variables,)
   model = nnx.merge(graphdef, *states, copy=True)
   model.eval()

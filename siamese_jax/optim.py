@@ -26,7 +26,7 @@ SCHEDULES = ("constant", "piecewise", "cosine", "exponential")
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """Every optimizer field with its default; experiment configs override a few of them."""
+  """Every optimizer field with its default; configs override a few of them."""
   config = ml_collections.ConfigDict()
   config.name = "adam"  # "sgd" | "adam" | "adamw"
   config.learning_rate = 1e-3  # peak learning rate (before batch scaling); reached after warmup

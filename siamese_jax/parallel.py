@@ -38,7 +38,8 @@ class DataParallel:
       devices = devices[:num_devices]
     self.strategy = strategy
     self.devices = devices
-    # Auto axis types: shard_map inside jit then accepts inputs laid out by device_put (see GUIDE 4).
+    # Auto axis types: shard_map inside jit then accepts inputs laid out by device_put (with the explicit
+    # axis types that jax.make_mesh defaults to, it wants inputs already sharded its way).
     self.mesh = jax.sharding.Mesh(np.array(devices), (AXIS,),
                                   axis_types=(jax.sharding.AxisType.Auto,))
     self.replicated = NamedSharding(self.mesh, P())

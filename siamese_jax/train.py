@@ -3,6 +3,11 @@
 `train_and_evaluate(config, workdir)` is the library's main entry: it resumes from the newest
 checkpoint in `workdir` when there is one, trains, validates, checkpoints, and finally reports one-shot
 accuracy on the test classes. `launch.py` only parses flags and calls it.
+
+The loop (`_train_and_evaluate`) keeps its bookkeeping in a `LoopState` and hands each job to a named
+helper: `resume`, `validation_due` / `run_validation` / `LoopState.record_validation` (early stopping),
+`LoopState.out_of_time`, `PreemptionSignal` / `agree_to_stop`, `log_metrics` (with `check_finite`), and
+the checkpointer's save.
 """
 
 from __future__ import annotations
@@ -217,7 +222,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   complete checkpoint is intact), `distributed.PeerFailure` when another process died.
   """
   workdir = pathlib.Path(workdir)
-  is_main = jax.process_index() == 0
   if trained.is_ensemble(workdir):
     raise UserError(f"workdir {workdir}: holds an ensemble ({workdir / ENSEMBLE_FILENAME}); train into a "
                     "workdir of its own.")
@@ -524,11 +528,10 @@ def collapse_warning(previous: dict | None, summary: dict, margin: float | None)
 
   Collapsing: both mean distances (anchor-positive, anchor-negative; in the loss's own units) are below
   COLLAPSE_FRACTION of the margin, and the anchor-negative one is still falling since the previous log.
-  Every triplet or negative pair then costs about the margin and its gradient vanishes:
-  batch-hard mining from initialisation did this on m-per-class Omniglot batches (docs/ablations.md,
-  T0: both distances below 0.002 by step 400 with margin 0.2; T1: 0.019 / 0.015 and falling at step
-  300), while a run that learns is far above it (semi-hard, same margin: 0.39 / 0.40 at step 50,
-  growing). Losses without a margin or without distance metrics are never flagged.
+  Every triplet or negative pair then costs about the margin and its gradient vanishes. Batch-hard
+  mining from initialisation does this on m-per-class Omniglot batches (docs/ablations.md), while a run
+  that learns keeps both distances of the order of the margin and growing. Losses without a margin or
+  without distance metrics are never flagged.
   """
   if margin is None or previous is None:
     return None

@@ -37,7 +37,7 @@ def tiny(name: str, l2_normalize: bool = False) -> tuple[nnx.Module, tuple[int, 
 
 @nnx.jit
 def forward(model, images):
-  # One compiled call instead of op-by-op dispatch: several times faster on these CPUs.
+  # One compiled call instead of op-by-op dispatch, which is slow on CPU.
   return model(images)
 
 

@@ -19,6 +19,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from siamese_jax.train import LoopState, collapse_warning
+from siamese_jax.writers import MetricWriter, read_metrics
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_STEPS = 60
 
@@ -157,16 +160,15 @@ def test_finished_workdir_is_not_retrained(omniglot_dir, tmp_path, cache_dir):
 
 
 def test_collapse_warning_flags_the_measured_collapse_and_not_a_learning_run():
-  """The thresholds against docs/ablations.md's measured runs (margin 0.2): T0's batch-hard collapse
-  (0.0011 / 0.0005 at step 400) and T1's slower one (0.019 / 0.015, falling) warn; the semi-hard run
-  that learns (0.39 / 0.40 at step 50, then 0.60 / 0.65) does not, nor does a margin-free loss."""
-  from siamese_jax.train import collapse_warning
+  """The thresholds against runs recorded in docs/ablations.md (margin 0.2): a batch-hard collapse
+  (0.0011 / 0.0005 at step 400) and a slower one (0.019 / 0.015, falling) warn; a semi-hard run that
+  learns (0.39 / 0.40 at step 50, then 0.60 / 0.65) does not, nor does a margin-free loss."""
 
   def log(positive, negative):
     return {"loss": 0.2, "mean_positive_distance": positive, "mean_negative_distance": negative}
 
-  t0 = collapse_warning(log(0.0013, 0.0007), log(0.0011, 0.0005), 0.2)
-  assert t0 is not None and "collapsing" in t0 and "semi_hard" in t0 and "0.0005" in t0
+  warning = collapse_warning(log(0.0013, 0.0007), log(0.0011, 0.0005), 0.2)
+  assert warning is not None and "collapsing" in warning and "semi_hard" in warning and "0.0005" in warning
   assert collapse_warning(log(0.021, 0.018), log(0.019, 0.015), 0.2) is not None
   assert collapse_warning(log(0.3914, 0.4006), log(0.6012, 0.6539), 0.2) is None  # learning
   # Small but growing (a run that starts inside its margin and separates) is not a collapse, nor is a
@@ -180,8 +182,8 @@ def test_collapse_warning_flags_the_measured_collapse_and_not_a_learning_run():
 
 
 def test_batch_hard_collapse_is_warned_about_in_the_training_log(omniglot_dir, tmp_path, cache_dir):
-  """On real Omniglot, batch-hard mining from initialisation collapses the smoke triplet run (as it did
-  the full config, docs/ablations.md T0): by step 120 both mean distances are near 0.01 against a
+  """On real Omniglot, batch-hard mining from initialisation collapses the smoke triplet run (as it does
+  the full config, docs/ablations.md): by step 120 both mean distances are near 0.01 against a
   margin of 0.2. The trainer says so once, naming the fix, and still finishes the run."""
   command = [sys.executable, str(REPO / "launch.py"), "--config=configs/ablations/omniglot_triplet.py:smoke",
              f"--workdir={tmp_path}", "--config.loss.mining=batch_hard", "--config.train.num_steps=120",
@@ -191,14 +193,12 @@ def test_batch_hard_collapse_is_warned_about_in_the_training_log(omniglot_dir, t
   assert done.returncode == 0, done.stderr[-3000:]
   assert done.stderr.count("the embeddings are collapsing onto one point") == 1, done.stderr[-3000:]
   assert "loss.mining=semi_hard" in done.stderr
-  from siamese_jax.writers import read_metrics
   last = [m for m in read_metrics(tmp_path) if "train/mean_negative_distance" in m][-1]
   assert last["step"] == 120 and last["train/mean_negative_distance"] < 0.02  # a tenth of the margin
 
 
 def test_loop_state_saves_the_early_stopping_record_and_stops_after_patience():
   """What a checkpoint's `loop` item holds (its keys are the checkpoint format), and early stopping."""
-  from siamese_jax.train import LoopState
   loop = LoopState(step=7)
   assert loop.checkpointed() == {"best_validation_accuracy": -1.0, "evaluations_without_improvement": 0,
                                  "early_stopped": False}
@@ -230,7 +230,6 @@ def write_killed_log(workdir: pathlib.Path) -> None:
 
 
 def test_read_metrics_skips_a_truncated_last_line_with_a_warning(tmp_path, caplog):
-  from siamese_jax.writers import read_metrics
   write_killed_log(tmp_path)
   with caplog.at_level(logging.WARNING):
     records = read_metrics(tmp_path)
@@ -240,7 +239,6 @@ def test_read_metrics_skips_a_truncated_last_line_with_a_warning(tmp_path, caplo
 
 def test_resumed_writer_never_glues_a_record_onto_a_truncated_line(tmp_path, caplog):
   """The resumed run's writer cuts the fragment off (its step is logged again), then appends whole lines."""
-  from siamese_jax.writers import MetricWriter, read_metrics
   write_killed_log(tmp_path)
   with caplog.at_level(logging.WARNING):
     writer = MetricWriter(tmp_path)

@@ -41,7 +41,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 # Bumped whenever decoding changes (filter, conversions), so stale on-disk caches are not reused.
 _DECODE_VERSION = 1
 
-# Formats that may carry an EXIF orientation (phone photos); PNGs skip the lookup, which costs ~7%.
+# Formats that may carry an EXIF orientation (phone photos); PNGs skip the lookup, which has a cost.
 _EXIF_FORMATS = frozenset({"JPEG", "MPO", "TIFF", "WEBP"})
 
 
@@ -448,8 +448,8 @@ def decode_all(loader: Callable[[int], np.ndarray], count: int, image_shape: Ima
                description: str) -> np.ndarray:
   """Calls `loader(i)` for every record into one uint8 [N, H, W, C] array, with a progress bar.
 
-  Runs in one thread on purpose: measured on 2 cores, a thread pool was slower (PIL's decode and
-  zip reads mostly hold the GIL), and one thread decodes Omniglot's 19,280 PNGs in about 2.5 s.
+  Runs in one thread on purpose: PIL's decode and zip reads mostly hold the GIL, so a thread pool only
+  adds overhead.
   """
   images = np.empty((count, *image_shape), np.uint8)
   for index in tqdm.tqdm(range(count), desc=f"Decoding {description}", unit="img",

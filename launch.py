@@ -3,6 +3,7 @@ r"""siamese-jax command line: the only file that defines flags; each mode calls 
   python launch.py --config=configs/omniglot.py --workdir=runs/omniglot              # train (resumes)
   python launch.py --config=configs/omniglot.py:smoke --workdir=/tmp/smoke           # seconds
   python launch.py --config=configs/omniglot.py --config.train.num_steps=100 --workdir=...  # override
+  python launch.py --config=configs/omniglot_best_ensemble.py --workdir=runs/best   # members, then one model
 
 Running the same command again with the same workdir resumes from its newest checkpoint.
 
@@ -95,13 +96,19 @@ def main(argv):
   config, workdir, mode = FLAGS.config, FLAGS.workdir, FLAGS.mode
   common = dict(checkpoint=FLAGS.checkpoint, config=config)
   try:
+    if mode != "train" and ensemble.is_ensemble_config(config):
+      raise UserError(f"--config: an ensemble config (with members) only trains; for --mode={mode} leave out "
+                      "--config, and the workdir's ensemble.json says what the ensemble is.")
     if mode == "train":
       if config is None:
         raise UserError("--config is required to train (e.g. --config=configs/omniglot.py).")
       # Before anything touches a device: every process then sees the devices of all.
       if distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id):
         logging.set_verbosity(logging.WARNING if distributed.is_main_process() else logging.ERROR)
-      results = train.train_and_evaluate(config, workdir)
+      if ensemble.is_ensemble_config(config):
+        results = ensemble.train_ensemble(config, workdir)
+      else:
+        results = train.train_and_evaluate(config, workdir)
       if distributed.is_main_process():
         print_results(results)
     elif mode == "eval":

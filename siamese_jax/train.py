@@ -38,7 +38,7 @@ from siamese_jax.metrics import embedding, episodes, scoring
 from siamese_jax.metrics.one_shot import one_shot_results
 from siamese_jax.errors import UserError
 from siamese_jax.parallel import AXIS, DataParallel
-from siamese_jax.workdir import ENSEMBLE_FILENAME
+from siamese_jax.workdir import ENSEMBLE_FILENAME, RESULTS_FILENAME
 from siamese_jax.writers import MetricWriter
 
 
@@ -381,7 +381,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, built: Setup) -> dict:
   results["training_seconds"] = training_seconds
   results["best_validation_accuracy"] = loop.best_validation_accuracy
   if is_main:
-    (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (workdir / RESULTS_FILENAME).write_text(json.dumps(results, indent=2) + "\n")
   writer.close()
   return results
 

@@ -1,7 +1,12 @@
-"""The ensemble mode: several trained workdirs combined into one model.
+"""Ensembles: several trained workdirs combined into one model.
 
   python launch.py --mode=ensemble --workdir=runs/ens --members=runs/a,runs/b   # writes runs/ens/ensemble.json
   python launch.py --mode=eval --workdir=runs/ens                              # any mode on a workdir
+  python launch.py --config=configs/omniglot_best_ensemble.py --workdir=runs/best  # train the members, combine
+
+`train_ensemble` runs an ensemble config (`config.members`: name -> a training config, `config.checkpoint`):
+each member trains in `<workdir>/members/<name>`, one after the other in the order of `config.members`,
+then `make_ensemble` combines them and `--mode=eval` reports on the result.
 
 `make_ensemble` fixes each member's checkpoint (`--checkpoint`, best by default, resolved once) and
 writes `<workdir>/ensemble.json`, with paths relative to that workdir (so the members and the ensemble can
@@ -23,11 +28,18 @@ from typing import Sequence
 
 import numpy as np
 
+import jax
+import ml_collections
+
+from siamese_jax import train
 from siamese_jax.data import pipeline
 from siamese_jax.errors import UserError
 from siamese_jax.metrics.episodes import validation_accuracy
+from siamese_jax.modes import evaluate
 from siamese_jax.trained import TrainedModel, is_ensemble, load_trained_model
-from siamese_jax.workdir import ENSEMBLE_FILENAME, write_json
+from siamese_jax.workdir import ENSEMBLE_FILENAME, RESULTS_FILENAME, write_json
+
+MEMBERS_DIRNAME = "members"
 
 
 def _image_files(source) -> set[str]:
@@ -110,3 +122,39 @@ def make_ensemble(workdir: str | pathlib.Path, members: Sequence[str | pathlib.P
   workdir.mkdir(parents=True, exist_ok=True)
   write_json(workdir / ENSEMBLE_FILENAME, record)
   return summary
+
+
+def is_ensemble_config(config: ml_collections.ConfigDict | None) -> bool:
+  return config is not None and "members" in config
+
+
+def member_workdirs(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, pathlib.Path]:
+  """{member name: its workdir} in the order the members train and combine (the first one's splits are the
+  ensemble's)."""
+  return {name: pathlib.Path(workdir) / MEMBERS_DIRNAME / name for name in config.members}
+
+
+def train_ensemble(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progress: bool = True) -> dict:
+  """Trains every member of an ensemble config, combines them in `workdir`, and evaluates the ensemble.
+
+  Resumable like one training run: a member whose workdir holds a finished run's results.json is not
+  trained again, an unfinished one resumes from its newest checkpoint, and a stop by a signal (preemption)
+  ends here with the members so far intact. Every process of a multi-process run calls this; only process 0
+  combines and evaluates. Returns `--mode=eval`'s results on the ensemble, or `{"preempted": True, ...}`.
+  """
+  workdir = pathlib.Path(workdir).expanduser()
+  if len(config.members) < 2:
+    raise UserError(f"config.members: an ensemble config needs at least 2 members, got {len(config.members)}.")
+  if (workdir / "checkpoints").exists():
+    raise UserError(f"workdir {workdir}: holds a training run; give the ensemble a workdir of its own.")
+  members = member_workdirs(config, workdir)
+  for name, member_dir in members.items():
+    if (member_dir / RESULTS_FILENAME).is_file():  # a finished training run's report
+      continue
+    results = train.train_and_evaluate(config.members[name], member_dir)
+    if results.get("preempted"):
+      return {**results, "member": name}
+  if jax.process_index() != 0:
+    return {}
+  make_ensemble(workdir, list(members.values()), checkpoint=config.checkpoint, progress=progress)
+  return evaluate.evaluate_workdir(workdir, progress=progress)

@@ -1,0 +1,61 @@
+"""An ensemble config trains its members in <workdir>/members/<name>, combines them, and resumes.
+
+Two synthetic smoke members (trained_workdir's config with seeds 0 and 1), so no data files are read.
+"""
+
+import json
+
+import ml_collections
+import pytest
+
+from siamese_jax import train
+from siamese_jax.errors import UserError
+from siamese_jax.modes import ensemble
+from trained_workdir import smoke_config
+
+
+def ensemble_config():
+  members = {}
+  for seed in (0, 1):
+    member = smoke_config()
+    member.seed = seed
+    member.data.split_seed = 0  # the same class split for both: new weights and batches, the same held-out classes
+    members[f"seed{seed}"] = member
+  return ml_collections.ConfigDict({"members": members, "checkpoint": "best"})
+
+
+def test_trains_every_member_then_combines_and_resumes(tmp_path, monkeypatch):
+  config = ensemble_config()
+  trained = []
+  real_train = train.train_and_evaluate
+
+  def spy(member_config, member_workdir):
+    trained.append(member_workdir.name)
+    return real_train(member_config, member_workdir)
+
+  monkeypatch.setattr(train, "train_and_evaluate", spy)
+  results = ensemble.train_ensemble(config, tmp_path, progress=False)
+  assert trained == ["seed0", "seed1"]
+  record = json.loads((tmp_path / "ensemble.json").read_text())
+  assert [m["workdir"] for m in record["members"]] == ["members/seed0", "members/seed1"]
+  # The ensemble is evaluated as --mode=eval would: both members' best steps, the test classes' episodes.
+  assert results["checkpoint"]["members"] and len(results["checkpoint"]["members"]) == 2
+  assert (tmp_path / "eval" / "results.json").is_file()
+  assert 0.0 <= results["episodes"]["within"]["5way1shot"]["mean"] <= 1.0
+
+  # Run again with the second member unfinished: only it trains (it resumes), then the ensemble is made again.
+  (tmp_path / "members" / "seed1" / "results.json").unlink()
+  trained.clear()
+  ensemble.train_ensemble(config, tmp_path, progress=False)
+  assert trained == ["seed1"]
+  assert json.loads((tmp_path / "ensemble.json").read_text())["members"] == record["members"]
+
+
+def test_refuses_one_member_and_a_training_workdir(tmp_path):
+  config = ensemble_config()
+  del config.members["seed1"]
+  with pytest.raises(UserError, match="at least 2 members"):
+    ensemble.train_ensemble(config, tmp_path)
+  (tmp_path / "checkpoints").mkdir()
+  with pytest.raises(UserError, match="holds a training run"):
+    ensemble.train_ensemble(ensemble_config(), tmp_path)

@@ -129,6 +129,13 @@ class Setup:
   # built once, so validating every eval_every steps reuses one compiled head.
   pair_probability: Callable | None = None
 
+  def scorer(self, state: TrainState) -> scoring.Scorer:
+    """How the model in `state` scores a pair: its pair head's probability where it has one, else the
+    embedding distance; the scorer `trained.load_trained_model` gives the same model."""
+    if self.pair_probability is None:
+      return scoring.DISTANCE
+    return scoring.pair_head_scorer(functools.partial(self.pair_probability, variables_of(state)))
+
 
 def setup(config: ml_collections.ConfigDict) -> Setup:
   """Data, model, optimizer and a fresh train state; every user mistake found here, before training."""
@@ -189,25 +196,16 @@ def variables_of(state: TrainState):
   return nnx.merge_state(state.params, state.model_state)
 
 
-def scorer_of(pair_probability: Callable | None, state: TrainState) -> scoring.Scorer:
-  """The scorer of the model in `state`: `Setup.pair_probability` bound to its variables for a model
-  with a pair head, else the embedding distance."""
-  if pair_probability is None:
-    return scoring.DISTANCE
-  return scoring.pair_head_scorer(functools.partial(pair_probability, variables_of(state)))
-
-
 def validation_accuracy(embed_fn, state: TrainState, source, eval_config, seed: int,
-                        pair_probability: Callable | None = None) -> float:
-  """`metrics.episodes.validation_accuracy` of the model in `state` on the validation classes `source`.
-
-  Scored as the test report scores it: by the pair head where the model has one (`pair_probability`,
-  `Setup.pair_probability`). `state` must be addressable by this process (`DataParallel.local_copy`):
-  every process embeds on its own, with no program spanning processes.
+                        scorer: scoring.Scorer) -> float:
+  """`metrics.episodes.validation_accuracy` of the model in `state` on the validation classes `source`,
+  scored by `scorer` (`Setup.scorer(state)`, as the test report scores it). `state` must be addressable by
+  this process (`DataParallel.local_copy`): every process embeds on its own, with no program spanning
+  processes.
   """
   embeddings = embedding.embed_images(embed_fn, variables_of(state), pipeline.all_images(source),
                                       eval_config.batch_size)
-  return episodes.validation_accuracy(embeddings, source, eval_config, seed, scorer_of(pair_probability, state))
+  return episodes.validation_accuracy(embeddings, source, eval_config, seed, scorer)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
@@ -377,7 +375,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, built: Setup) -> dict:
     return {"step": loop.step, "preempted": True}
   final_state = parallel.local_copy(parallel.get_state(device_state))
   results = final_report(embed_fn, final_state, built.splits, config, step=int(final_state.step),
-                         pair_probability=built.pair_probability)
+                         scorer=built.scorer(final_state))
   results["training_seconds"] = training_seconds
   results["best_validation_accuracy"] = loop.best_validation_accuracy
   if is_main:
@@ -440,10 +438,9 @@ def run_validation(embed_fn, built: Setup, device_state, config) -> float:
   their numbers agree up to rounding, but early stopping must stop them all at the same step.
   """
   parallel = built.parallel
-  validation = validation_accuracy(embed_fn, parallel.local_copy(parallel.get_state(device_state)),
-                                   built.splits.validation, config.eval,
-                                   seed=pipeline.split_seed(config.data, config.seed),
-                                   pair_probability=built.pair_probability)
+  state = parallel.local_copy(parallel.get_state(device_state))
+  validation = validation_accuracy(embed_fn, state, built.splits.validation, config.eval,
+                                   seed=pipeline.split_seed(config.data, config.seed), scorer=built.scorer(state))
   if jax.process_count() > 1:  # process 0's number decides for all: they must stop at the same step
     validation = float(multihost_utils.broadcast_one_to_all(np.float32(validation)))
   return validation
@@ -589,11 +586,9 @@ class PreemptionSignal:
 
 
 def final_report(embed_fn, state: TrainState, splits: pipeline.Splits, config, *, step: int,
-                 pair_probability: Callable | None = None) -> dict:
-  """One-shot accuracy on the test classes (and Lake's 20 runs for Omniglot), as a results dict.
-
-  Models with a pair head are scored by its probability, as `--mode=eval` does (`pair_probability`
-  given: `Setup.pair_probability`).
+                 scorer: scoring.Scorer) -> dict:
+  """One-shot accuracy on the test classes (and Lake's 20 runs for Omniglot), as a results dict, scored by
+  `scorer` (`Setup.scorer(state)`: a pair-head model by its head's probability, as `--mode=eval` does).
   """
   eval_config = config.eval
   test = splits.test
@@ -605,4 +600,4 @@ def final_report(embed_fn, state: TrainState, splits: pipeline.Splits, config, *
       embed_fn, variables_of(state), splits, embeddings, config, ways=tuple(eval_config.test_ways),
       shots=tuple(eval_config.test_shots), queries=eval_config.queries_per_class,
       num_episodes=eval_config.test_episodes, seed=config.seed, batch_size=eval_config.batch_size,
-      scorer=scorer_of(pair_probability, state))}
+      scorer=scorer)}

@@ -28,11 +28,13 @@ from siamese_jax.data import pipeline
 from siamese_jax.errors import UserError
 from siamese_jax.metrics.episodes import episode_accuracies, sample_episodes, validation_accuracy
 from siamese_jax.metrics.retrieval import gallery_class_similarities
+from siamese_jax.metrics import scoring
 from siamese_jax.metrics.scoring import resolve_scoring
 from siamese_jax.modes.ensemble import make_ensemble
 from siamese_jax.modes.evaluate import evaluate_workdir
 from siamese_jax.modes.gallery import classify_gallery, compare_images, gallery_size_note, open_set
 from siamese_jax.trained import load_gallery, load_image_file, load_queries, load_trained_model, prepare_images
+from siamese_jax.writers import read_metrics
 from trained_workdir import TEST_CLASSES, copy_of, smoke_config, trained_workdir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -479,14 +481,14 @@ def test_training_report_scores_a_koch_model_with_its_head_like_eval_mode(koch_w
   built = train.setup(config)  # the same seed rebuilds the saved step-0 state
   embed_fn = models.make_embed_fn(built.graphdef)
   report = train.final_report(embed_fn, built.state, built.splits, config, step=0,
-                              pair_probability=built.pair_probability)
+                              scorer=built.scorer(built.state))
   by_eval = evaluate_workdir(koch_workdir, ways=(5,), shots=(1,), num_episodes=20, num_pairs=200,
                              progress=False)
   # The synthetic test split's groups hold 4 classes, so 5-way within-group episodes are skipped by both.
   assert "skipped" in report["episodes"]["within"]["5way1shot"]
   assert report["episodes"]["unstructured"]["5way1shot"]["mean"] == pytest.approx(
       by_eval["episodes"]["unstructured"]["5way1shot"]["mean"])
-  by_distance = train.final_report(embed_fn, built.state, built.splits, config, step=0)
+  by_distance = train.final_report(embed_fn, built.state, built.splits, config, step=0, scorer=scoring.DISTANCE)
   assert by_distance["episodes"] != report["episodes"]
 
 
@@ -500,7 +502,7 @@ def test_validation_of_a_pair_head_model_compiles_its_head_once(koch_workdir):
   later = built.state.replace(params=jax.tree.map(lambda x: x * 1.5, built.state.params))
   def validate(state):
     return train.validation_accuracy(embed_fn, state, built.splits.validation, config.eval, seed=0,
-                                     pair_probability=built.pair_probability)
+                                     scorer=built.scorer(state))
   compiles = []
   def count(event, seconds, **kwargs):
     if event == "/jax/core/compile/backend_compile_duration":
@@ -567,7 +569,7 @@ def test_ensemble_is_its_members_side_by_side_in_every_mode(workdir, narrow_work
   # protocol), and the ensemble's is that protocol on the ensemble's embeddings.
   summary = make_ensemble(tmp_path / "again", [workdir, narrow_workdir], progress=False)
   for member, loaded in zip((workdir, narrow_workdir), members):
-    stored = [json.loads(line) for line in (member / "metrics.jsonl").read_text().splitlines()]
+    stored = read_metrics(member)
     at_step = [r["validation/accuracy"] for r in stored if r["step"] == loaded.step and "validation/accuracy" in r]
     assert summary["members"][str(member)]["validation_accuracy"] == pytest.approx(at_step[-1], abs=1e-6)
   assert summary["validation_accuracy"] == pytest.approx(

@@ -4,7 +4,7 @@ r"""Throughput benchmarks: train step, input pipeline, evaluation, device scalin
   python benchmarks/run.py                # the full suite: more repetitions, more cases
 
 Warms up, times several repetitions of each case, prints markdown tables (median and spread) and
-writes everything to benchmarks/results/<machine>.json (e.g. cpu-2core.json), with the issue's targets
+writes everything to benchmarks/results/<machine>.json (e.g. cpu-2core.json), with the speed targets
 checked at the end. Reads Omniglot from $OMNIGLOT_DIR (or ../shared/data/omniglot beside the
 checkout), else uses the synthetic source of the same shapes. See benchmarks/README.md.
 """
@@ -140,7 +140,7 @@ def report_tables(results: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Targets (issue 4), checked on this run's numbers
+# Speed targets (benchmarks/README.md), checked on this run's numbers
 
 
 def check_targets(results: dict) -> list[dict]:

@@ -104,8 +104,8 @@ def test_iterator_state_resumes_with_the_next_batch(source):
 
 
 def test_iterator_state_resumes_with_worker_processes():
-  # Grain spawns its workers (a fresh interpreter each, roughly 2-4 s here), and they refuse to start
-  # until absl flags are parsed. A lazy source also checks that the loader survives pickling.
+  # Grain spawns its workers (a fresh interpreter each), and they refuse to start until absl flags are
+  # parsed. A lazy source also checks that the loader survives pickling.
   from absl import flags
   was_parsed = flags.FLAGS.is_parsed()
   if not was_parsed:

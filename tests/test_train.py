@@ -160,9 +160,10 @@ def test_finished_workdir_is_not_retrained(omniglot_dir, tmp_path, cache_dir):
 
 
 def test_collapse_warning_flags_the_measured_collapse_and_not_a_learning_run():
-  """The thresholds against runs recorded in docs/ablations.md (margin 0.2): a batch-hard collapse
-  (0.0011 / 0.0005 at step 400) and a slower one (0.019 / 0.015, falling) warn; a semi-hard run that
-  learns (0.39 / 0.40 at step 50, then 0.60 / 0.65) does not, nor does a margin-free loss."""
+  """The thresholds against the distance logs of runs recorded in docs/ablations.md (margin 0.2): a
+  batch-hard run whose distances collapse far below the margin and a slower collapse (both distances
+  falling) warn; a semi-hard run that learns (distances growing past the margin) does not, nor does a
+  margin-free loss."""
 
   def log(positive, negative):
     return {"loss": 0.2, "mean_positive_distance": positive, "mean_negative_distance": negative}

@@ -1,8 +1,8 @@
 r"""Ablation: three prototype-loss networks of configs/ablations/omniglot_cpu_hour.py's recipe, as one model.
 
-  python launch.py --config=configs/ablations/omniglot_best.py --workdir=runs/l4
-Trains each member into runs/l4/members/<name> (run again: resumes the unfinished one), then combines their
-best checkpoints into runs/l4/ensemble.json. No time limit: a slower machine still finishes each schedule.
+  python launch.py --config=configs/ablations/omniglot_best.py --workdir=runs/ablation_best
+Trains each member into runs/ablation_best/members/<name> (run again: resumes the unfinished one), then combines their
+best checkpoints into runs/ablation_best/ensemble.json. No time limit: a slower machine still finishes each schedule.
 Expected [results/render.py]: 145 min (52 + 59 + 34) of training on 2 CPU cores; figures in docs/results.md.
 One member alone: `--config=configs/ablations/omniglot_best.py:<name>`, a name of MEMBERS. `:smoke`: two tiny members.
 """

@@ -86,7 +86,9 @@ def modified_hausdorff_distance(points_a: np.ndarray, points_b: np.ndarray) -> f
 
 
 def lake_runs_mhd_baseline(runs: Sequence) -> dict:
-  """Lake's modified-Hausdorff baseline through the same scoring as the models: 38.8 % error published.
+  """Lake's modified-Hausdorff baseline through the same scoring as the models.
+
+  Its published accuracy is in docs/results.md (rendered from results/literature.json).
 
   Images must be the originals (105 x 105, ink = 255): resizing moves ink pixels and changes the score.
   Each image's k-d tree is built once and queried by all 20 images it is compared with.

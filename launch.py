@@ -33,8 +33,9 @@ from absl import app, flags, logging  # noqa: E402
 import ml_collections  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from siamese_jax import distributed, train  # noqa: E402
+from siamese_jax import distributed, train, trained  # noqa: E402
 from siamese_jax.errors import UserError  # noqa: E402
+from siamese_jax.metrics import retrieval, scoring, verification  # noqa: E402
 from siamese_jax.modes import ensemble, evaluate, export, gallery, plots  # noqa: E402
 from siamese_jax.modes.report import print_mapping, print_results  # noqa: E402
 
@@ -63,15 +64,15 @@ flags.DEFINE_integer("queries_per_class", None, "eval: query images per class in
                      "eval.queries_per_class).")
 flags.DEFINE_integer("seed", None, "eval/plots: seed of the test episodes and pairs (default: the run's seed); "
                      "thresholds are always calibrated with the run's seed.")
-flags.DEFINE_enum("scoring", "auto", ("auto", "distance", "pair_head"), "eval/calibrate: score pairs by embedding "
+flags.DEFINE_enum("scoring", "auto", scoring.SCORINGS, "eval/calibrate: score pairs by embedding "
                   "distance or by the Koch head's probability; auto = the head where the model has one.")
-flags.DEFINE_enum("threshold_method", "max_accuracy", ("max_accuracy", "far"), "eval/calibrate: calibrate the "
+flags.DEFINE_enum("threshold_method", "max_accuracy", verification.THRESHOLD_METHODS, "eval/calibrate: calibrate the "
                   "threshold for the highest accuracy on validation pairs, or for a false accept rate <= --target_far.")
 flags.DEFINE_float("target_far", 0.001, "eval/calibrate with --threshold_method=far: the false accept rate.")
 flags.DEFINE_integer("pairs", 10000, "eval/calibrate/plots: verification pairs (half same, half different).")
 flags.DEFINE_float("threshold", None, "compare/gallery/openset: same/different threshold (a distance, or a "
                    "probability for pair-head models) instead of <workdir>/eval/threshold.json.")
-flags.DEFINE_enum("split", "test", ("train", "validation", "test"), "export: which of the run's splits.")
+flags.DEFINE_enum("split", "test", export.EXPORT_SPLITS, "export: which of the run's splits.")
 flags.DEFINE_string("images", None, "export: a folder of images (one sub-folder per class) instead of a split.")
 flags.DEFINE_string("output", None, "export: .npz path; gallery/openset: CSV path; plots: folder. Default: under "
                     "<workdir>/eval/.")
@@ -80,9 +81,9 @@ flags.DEFINE_string("image2", None, "compare: second image file.")
 flags.DEFINE_string("gallery", None, "gallery/openset: folder with one sub-folder of images per known class.")
 flags.DEFINE_string("queries", None, "gallery/openset: an image, a folder of images, or class sub-folders (then "
                     "accuracy is reported; openset needs them: classes not in the gallery are unknown).")
-flags.DEFINE_enum("method", "nearest", ("nearest", "centroid", "medoid"), "gallery/openset: compare a query with "
+flags.DEFINE_enum("method", "nearest", retrieval.GALLERY_METHODS, "gallery/openset: compare a query with "
                   "the nearest gallery image, the class centroid, or the class medoid.")
-flags.DEFINE_enum("invert", "auto", ("auto", "yes", "no"), "compare/gallery/openset/export --images: invert image "
+flags.DEFINE_enum("invert", "auto", trained.INVERT_CHOICES, "compare/gallery/openset/export --images: invert image "
                   "files (dark ink -> bright); auto = as the model's training data (Omniglot: yes).")
 flags.DEFINE_list("members", None, "ensemble: the trained workdirs to combine (comma-separated); --checkpoint "
                   "picks each one's checkpoint, fixed from then on.")

@@ -36,6 +36,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 from siamese_jax.errors import UserError
+from siamese_jax.workdir import CHECKPOINTS_DIRNAME
 
 BEST_METRIC = "validation_accuracy"  # saved with a step's metrics; "best" checkpoints are chosen by it
 CHECKPOINT_CHOICES = ("best", "latest")
@@ -278,7 +279,7 @@ def complete_steps(directory: str | pathlib.Path, *, with_state: bool = False) -
                 and (not with_state or (path / "state").is_dir()))
 
 
-def validation_accuracy(step_dir: str | pathlib.Path) -> float | None:
+def saved_validation_accuracy(step_dir: str | pathlib.Path) -> float | None:
   """The validation accuracy saved with a step (`<step>/metrics/metrics`), None when it has none."""
   try:
     value = json.loads((pathlib.Path(step_dir) / "metrics" / "metrics").read_text()).get(BEST_METRIC)
@@ -299,7 +300,7 @@ def select_checkpoint(workdir: str | pathlib.Path | None, checkpoint: str | os.P
   if text in CHECKPOINT_CHOICES or text.isdigit():
     if workdir is None:
       raise UserError(f"checkpoint={text!r} picks a step of a workdir; give the workdir too.")
-    directory = pathlib.Path(workdir) / "checkpoints"
+    directory = pathlib.Path(workdir) / CHECKPOINTS_DIRNAME
     steps = complete_steps(directory, with_state=True)
     if not steps:
       raise UserError(f"{directory}: no checkpoint there. Train first (python launch.py --config=... "
@@ -311,7 +312,7 @@ def select_checkpoint(workdir: str | pathlib.Path | None, checkpoint: str | os.P
         raise UserError(f"checkpoint step {int(text)} is not in {directory}; it holds steps {steps}.")
       return directory / text, int(text), f"step {int(text)}"
     scored = [(accuracy, step) for step in steps
-              if (accuracy := validation_accuracy(directory / str(step))) is not None]
+              if (accuracy := saved_validation_accuracy(directory / str(step))) is not None]
     if not scored:
       return directory / str(steps[-1]), steps[-1], "latest (no checkpoint has a validation accuracy)"
     accuracy, step = max(scored)
@@ -404,7 +405,7 @@ def disk_errors(workdir: str | pathlib.Path) -> Iterator[None]:
     if problem is None:
       raise
     workdir = pathlib.Path(workdir)
-    steps = complete_steps(workdir / "checkpoints")
+    steps = complete_steps(workdir / CHECKPOINTS_DIRNAME)
     kept = (f"The checkpoints already there are intact (newest: step {steps[-1]}); free some space or fix "
             "the permissions, then run the same command again to resume from it."
             if steps else "No checkpoint was written yet.")

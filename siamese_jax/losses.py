@@ -121,19 +121,14 @@ def _pair_masks(labels: jax.Array) -> tuple[jax.Array, jax.Array]:
 # Pair losses (k = 2).
 
 
-def koch_bce(embeddings: jax.Array, labels: jax.Array, pair_logits_fn: PairLogitsFn | None = None
-             ) -> tuple[jax.Array, Metrics]:
+def koch_bce(embeddings: jax.Array, labels: jax.Array, pair_logits_fn: PairLogitsFn) -> tuple[jax.Array, Metrics]:
   """Koch et al. 2015: sigmoid cross-entropy on the model's weighted-L1 pair logit.
 
   The head (sigma(sum_j alpha_j |e1_j - e2_j|)) belongs to the model, so the train step passes it as
-  `pair_logits_fn` (this loss is in PAIR_HEAD_LOSSES); the loss only knows that a positive logit means
-  "same class". None (no head given) is a UserError.
+  `pair_logits_fn` (this loss is in PAIR_HEAD_LOSSES; `train.setup` refuses a model without the head);
+  the loss only knows that a positive logit means "same class".
   """
   _check_layout("koch_bce", embeddings, labels, k=2)
-  if pair_logits_fn is None:
-    raise UserError("loss 'koch_bce' needs a model with a Koch pair head (model.pair_logits); "
-                    "choose such a model or a loss that works on embeddings alone "
-                    "(contrastive, triplet, prototypical)")
   embeddings = embeddings.astype(jnp.float32)
   same = labels[:, 0] == labels[:, 1]
   logits = pair_logits_fn(embeddings[:, 0], embeddings[:, 1]).astype(jnp.float32)

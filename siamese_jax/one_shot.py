@@ -1,5 +1,9 @@
 """The one-shot part of a report, shared by the training run's final report and `--mode=eval`: test
-episodes, Lake's 20 runs and Vinyals et al.'s test split, all scored by one scorer."""
+episodes, Lake's 20 runs and Vinyals et al.'s test split, all scored by one scorer.
+
+Not a pure metric: it takes a run's splits and `embed_fn` and reads their images (`data.pipeline`), so it
+sits above metrics/, beside trained.py.
+"""
 
 from __future__ import annotations
 

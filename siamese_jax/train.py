@@ -35,10 +35,10 @@ from jax.experimental import multihost_utils
 from siamese_jax import augment, checkpoint, distributed, losses, models, optim, trained
 from siamese_jax.data import pipeline, sampling
 from siamese_jax.metrics import embedding, episodes, scoring
-from siamese_jax.metrics.one_shot import one_shot_results
+from siamese_jax.one_shot import one_shot_results
 from siamese_jax.errors import UserError
 from siamese_jax.parallel import AXIS, DataParallel
-from siamese_jax.workdir import ENSEMBLE_FILENAME, RESULTS_FILENAME
+from siamese_jax.workdir import CHECKPOINTS_DIRNAME, CONFIG_FILENAME, ENSEMBLE_FILENAME, RESULTS_FILENAME
 from siamese_jax.writers import MetricWriter
 
 
@@ -323,7 +323,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, built: Setup) -> dict:
   train_config, parallel, num_steps = config.train, built.parallel, config.train.num_steps
   is_main = jax.process_index() == 0
   embed_fn = models.make_embed_fn(built.graphdef, config.eval.tta_shift_px)
-  checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=train_config.max_checkpoints)
+  checkpointer = checkpoint.Checkpointer(workdir / CHECKPOINTS_DIRNAME, max_to_keep=train_config.max_checkpoints)
   iterator = iter(pipeline.train_dataset(built.splits.train, built.sampler, num_steps=num_steps,
                                          num_workers=config.data.num_workers, process_index=jax.process_index(),
                                          process_count=jax.process_count()))
@@ -396,12 +396,12 @@ def resume(config, workdir: pathlib.Path, checkpointer: checkpoint.Checkpointer,
   """
   is_main = jax.process_index() == 0
   resolved = config.to_json_best_effort(indent=2) + "\n"
-  changes = config_changes(workdir / "config.json", resolved)
+  changes = config_changes(workdir / CONFIG_FILENAME, resolved)
   try:
     restored = checkpointer.restore_latest(checkpoint.abstract_like(fresh_state))
   except checkpoint.StateMismatch as error:
     checkpointer.close()
-    written_by = (f"the one that wrote them ({workdir / 'config.json'}, left as it was) in: {'; '.join(changes)}"
+    written_by = (f"the one that wrote them ({workdir / CONFIG_FILENAME}, left as it was) in: {'; '.join(changes)}"
                   if changes else "the one that wrote them")
     raise UserError(f"config mismatch: this config differs from {written_by}. Resume with that config, or "
                     f"train in a new workdir. ({error})") from error
@@ -411,9 +411,9 @@ def resume(config, workdir: pathlib.Path, checkpointer: checkpoint.Checkpointer,
   if is_main:
     if restored is not None and changes:
       # Legitimate (training longer, say), but a resumed run is then not the run of either config.
-      print(f"warning: {workdir / 'config.json'} was written by another config; training continues from "
+      print(f"warning: {workdir / CONFIG_FILENAME} was written by another config; training continues from "
             f"its checkpoints with the new values: {'; '.join(changes)}", file=sys.stderr, flush=True)
-    (workdir / "config.json").write_text(resolved)  # only now: a run that cannot resume keeps its record
+    (workdir / CONFIG_FILENAME).write_text(resolved)  # only now: a run that cannot resume keeps its record
   state, loop = fresh_state, LoopState()
   if restored is not None:
     start_step, state, data_state, saved_loop = restored

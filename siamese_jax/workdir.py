@@ -1,10 +1,15 @@
-"""What a workdir holds, by name: the files every mode reads or writes besides the checkpoints.
+"""What a workdir holds, by name: every file and folder that training and the modes read or write.
 
   <workdir>/config.json          the resolved config of the training run (`read_config`)
   <workdir>/checkpoints/<step>/  Orbax steps (siamese_jax/checkpoint.py)
+  <workdir>/metrics.jsonl        training's log, one JSON record a line (siamese_jax/writers.py)
+  <workdir>/tensorboard/         the same log for TensorBoard
+  <workdir>/results.json         training's final report
   <workdir>/ensemble.json        instead of checkpoints, for an ensemble of trained workdirs
+  <workdir>/members/<name>/      an ensemble config's members, each a training workdir
   <workdir>/eval/results.json    what --mode=eval reports
   <workdir>/eval/threshold.json  the calibrated same/different threshold (`threshold_path`)
+  <workdir>/eval/plots/          --mode=plots' PNGs
 """
 
 from __future__ import annotations
@@ -20,10 +25,15 @@ import numpy as np
 from siamese_jax.errors import UserError
 
 CONFIG_FILENAME = "config.json"
-ENSEMBLE_FILENAME = "ensemble.json"
-EVAL_DIRNAME = "eval"
+CHECKPOINTS_DIRNAME = "checkpoints"
+METRICS_FILENAME = "metrics.jsonl"
+TENSORBOARD_DIRNAME = "tensorboard"
 RESULTS_FILENAME = "results.json"
+ENSEMBLE_FILENAME = "ensemble.json"
+MEMBERS_DIRNAME = "members"
+EVAL_DIRNAME = "eval"
 THRESHOLD_FILENAME = "threshold.json"
+PLOTS_DIRNAME = "plots"
 
 
 def threshold_path(workdir: str | os.PathLike) -> pathlib.Path:

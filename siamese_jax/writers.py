@@ -13,7 +13,7 @@ import sys
 
 from tqdm.auto import tqdm
 
-METRICS_FILENAME = "metrics.jsonl"
+from siamese_jax.workdir import METRICS_FILENAME, TENSORBOARD_DIRNAME
 
 
 class MetricWriter:
@@ -26,7 +26,7 @@ class MetricWriter:
     if enabled:
       drop_incomplete_last_line(self.path)
       from tensorboardX import SummaryWriter  # imported lazily: only the main process needs it
-      self._tensorboard = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+      self._tensorboard = SummaryWriter(str(pathlib.Path(workdir) / TENSORBOARD_DIRNAME))
 
   def write(self, step: int, scalars: dict[str, float], prefix: str) -> None:
     if not self.enabled:

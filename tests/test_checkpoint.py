@@ -184,8 +184,8 @@ def test_complete_steps_and_the_best_checkpoint_are_read_from_the_disk(tmp_path)
   assert checkpoint.complete_steps(directory) == [1, 2, 3, 4, 7]
   assert checkpoint.complete_steps(directory, with_state=True) == [1, 2, 3, 4]
   assert checkpoint.complete_steps(tmp_path / "missing") == []
-  assert checkpoint.validation_accuracy(directory / "2") == 0.75
-  assert checkpoint.validation_accuracy(directory / "4") is None
+  assert checkpoint.saved_validation_accuracy(directory / "2") == 0.75
+  assert checkpoint.saved_validation_accuracy(directory / "4") is None
   # Best: the highest validation accuracy, the later step on ties (3, not 2); latest: the highest step.
   assert checkpoint.select_checkpoint(tmp_path, "best") == (directory / "3", 3, "best validation accuracy 0.7500")
   assert checkpoint.select_checkpoint(tmp_path, "latest") == (directory / "4", 4, "latest")

@@ -24,7 +24,7 @@ FLOORS = (
     ("siamese_jax.data", "siamese_jax.data.*", "siamese_jax.augment", "siamese_jax.models", "siamese_jax.losses",
      "siamese_jax.optim", "siamese_jax.parallel", "siamese_jax.distributed", "siamese_jax.writers",
      "siamese_jax.checkpoint", "siamese_jax.metrics", "siamese_jax.metrics.*"),
-    ("siamese_jax.trained",),
+    ("siamese_jax.trained", "siamese_jax.one_shot"),
     ("siamese_jax.train",),
     ("siamese_jax.modes", "siamese_jax.modes.*"),
     ("launch",),

@@ -31,15 +31,16 @@ import numpy as np
 import jax
 import ml_collections
 
-from siamese_jax import train
+from siamese_jax import distributed, train
 from siamese_jax.data import pipeline
 from siamese_jax.errors import UserError
 from siamese_jax.metrics.episodes import validation_accuracy
 from siamese_jax.modes import evaluate
 from siamese_jax.trained import TrainedModel, is_ensemble, load_trained_model
-from siamese_jax.workdir import ENSEMBLE_FILENAME, RESULTS_FILENAME, write_json
+from siamese_jax.workdir import CHECKPOINTS_DIRNAME, ENSEMBLE_FILENAME, MEMBERS_DIRNAME, RESULTS_FILENAME, write_json
 
-MEMBERS_DIRNAME = "members"
+# How long the other processes of a multi-process run wait while process 0 combines and evaluates.
+COMBINE_TIMEOUT_SECONDS = 6 * 3600
 
 
 def _image_files(source) -> set[str]:
@@ -89,7 +90,7 @@ def make_ensemble(workdir: str | pathlib.Path, members: Sequence[str | pathlib.P
     raise UserError(f"--members: an ensemble needs at least 2 trained workdirs, got {len(member_dirs)}.")
   if len(set(member_dirs)) != len(member_dirs):
     raise UserError(f"--members: {', '.join(map(str, member_dirs))} names a workdir twice.")
-  if workdir.resolve() in member_dirs or (workdir / "checkpoints").exists():
+  if workdir.resolve() in member_dirs or (workdir / CHECKPOINTS_DIRNAME).exists():
     raise UserError(f"workdir {workdir}: holds a training run; give the ensemble a workdir of its own.")
   for member in member_dirs:
     if is_ensemble(member):
@@ -145,7 +146,7 @@ def train_ensemble(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
   workdir = pathlib.Path(workdir).expanduser()
   if len(config.members) < 2:
     raise UserError(f"config.members: an ensemble config needs at least 2 members, got {len(config.members)}.")
-  if (workdir / "checkpoints").exists():
+  if (workdir / CHECKPOINTS_DIRNAME).exists():
     raise UserError(f"workdir {workdir}: holds a training run; give the ensemble a workdir of its own.")
   members = member_workdirs(config, workdir)
   for name, member_dir in members.items():
@@ -154,7 +155,10 @@ def train_ensemble(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
     results = train.train_and_evaluate(config.members[name], member_dir)
     if results.get("preempted"):
       return {**results, "member": name}
-  if jax.process_index() != 0:
-    return {}
-  make_ensemble(workdir, list(members.values()), checkpoint=config.checkpoint, progress=progress)
-  return evaluate.evaluate_workdir(workdir, progress=progress)
+  results = {}
+  if jax.process_index() == 0:
+    make_ensemble(workdir, list(members.values()), checkpoint=config.checkpoint, progress=progress)
+    results = evaluate.evaluate_workdir(workdir, progress=progress)
+  # The other processes wait here: leaving now, their shutdown would wait for process 0 and time out.
+  distributed.wait_for_all("ensemble_evaluated", timeout_seconds=COMBINE_TIMEOUT_SECONDS)
+  return results

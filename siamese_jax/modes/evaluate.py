@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from siamese_jax.data import pipeline
 from siamese_jax.errors import UserError
 from siamese_jax.metrics.episodes import check_episode_settings
-from siamese_jax.metrics.one_shot import one_shot_results
+from siamese_jax.one_shot import one_shot_results
 from siamese_jax.metrics.open_set import (OPEN_SET_CALIBRATION_SPLITS, calibrate_gallery_threshold,
                                           open_set_report, open_set_split)
 from siamese_jax.metrics.retrieval import gallery_class_similarities, retrieval_metrics

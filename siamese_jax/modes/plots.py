@@ -22,10 +22,9 @@ from siamese_jax.metrics.verification import (equal_error_rate, rates_at_thresho
                                               similarity_threshold)
 from siamese_jax.modes.gallery import load_threshold
 from siamese_jax.trained import load_trained_model
-from siamese_jax.workdir import EVAL_DIRNAME
+from siamese_jax.workdir import EVAL_DIRNAME, PLOTS_DIRNAME
 from siamese_jax.writers import read_metrics
 
-PLOTS_DIRNAME = "plots"
 
 
 def _figure(width: float, height: float):

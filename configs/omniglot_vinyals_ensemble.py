@@ -7,9 +7,8 @@ Expected [results/render.py]: 257 min (86 + 113 + 58) of training on 2 CPU cores
 One member alone: `--config=configs/omniglot_vinyals_ensemble.py:<name>`, a name of MEMBERS. `:smoke`: two tiny members.
 """
 
-import ml_collections
-
 from configs import omniglot_vinyals
+from siamese_jax.modes import ensemble
 
 # Members in the order they are combined (a ConfigDict lists its keys sorted, so the names sort in this order;
 # the first member's config is the ensemble's), each omniglot_vinyals.py with these fields changed.
@@ -35,13 +34,4 @@ def member(name: str, smoke: bool = False):
 
 def get_config(arg: str | None = None):
   """`arg`: None (the ensemble), a name of MEMBERS (that network alone) or `smoke`."""
-  if arg in MEMBERS:
-    return member(arg)
-  if arg not in (None, "", "smoke"):
-    raise ValueError(f"unknown config variant '{arg}' (known: {', '.join(MEMBERS)}, smoke)")
-  smoke = arg == "smoke"
-  names = SMOKE_MEMBERS if smoke else tuple(MEMBERS)
-  config = ml_collections.ConfigDict()
-  config.members = ml_collections.ConfigDict({name: member(name, smoke) for name in names})
-  config.checkpoint = "best"  # which checkpoint of each member to combine: best | latest | <step>
-  return config
+  return ensemble.ensemble_config(arg, member, tuple(MEMBERS), SMOKE_MEMBERS)

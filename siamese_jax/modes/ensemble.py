@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -123,6 +123,26 @@ def make_ensemble(workdir: str | pathlib.Path, members: Sequence[str | pathlib.P
   workdir.mkdir(parents=True, exist_ok=True)
   write_json(workdir / ENSEMBLE_FILENAME, record)
   return summary
+
+
+def ensemble_config(arg: str | None, member: Callable[[str, bool], ml_collections.ConfigDict],
+                    names: Sequence[str], smoke_names: Sequence[str]) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of an ensemble config file, whose `member(name, smoke)` builds one member's training config.
+
+  `arg`: None (the ensemble of `names`), a member's name (that network alone, to train or study it by
+  itself) or "smoke" (the members `smoke_names`, each at smoke size). An ensemble config is
+  `members` (name -> training config, combined in sorted-name order: a ConfigDict sorts its keys, and the
+  first member's splits are the ensemble's) and `checkpoint` (which checkpoint of each member to combine).
+  """
+  if arg in names:
+    return member(arg, False)
+  if arg not in (None, "", "smoke"):
+    raise ValueError(f"unknown config variant '{arg}' (known: {', '.join(names)}, smoke)")
+  smoke = arg == "smoke"
+  config = ml_collections.ConfigDict()
+  config.members = ml_collections.ConfigDict({name: member(name, smoke) for name in (smoke_names if smoke else names)})
+  config.checkpoint = "best"  # which checkpoint of each member to combine: best | latest | <step>
+  return config
 
 
 def is_ensemble_config(config: ml_collections.ConfigDict | None) -> bool:

@@ -341,7 +341,7 @@ def restore_variables(step_dir: pathlib.Path, params: Any, model_state: Any) -> 
   """
   state_dir = (pathlib.Path(step_dir) / "state").absolute()
   target = {"params": params, "model_state": model_state}
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  abstract = abstract_like(target)
   try:
     stored = {name: shape for name, shape in stored_shapes(state_dir).items() if name.split(".")[0] in target}
   except Exception as error:  # noqa: BLE001 -- any unreadable metadata is the same user problem

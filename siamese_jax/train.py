@@ -34,9 +34,9 @@ from jax.experimental import multihost_utils
 
 from siamese_jax import augment, checkpoint, distributed, losses, models, optim, trained
 from siamese_jax.data import pipeline, sampling
+from siamese_jax.errors import UserError
 from siamese_jax.metrics import embedding, episodes, scoring
 from siamese_jax.one_shot import one_shot_results
-from siamese_jax.errors import UserError
 from siamese_jax.parallel import AXIS, DataParallel
 from siamese_jax.workdir import CHECKPOINTS_DIRNAME, CONFIG_FILENAME, ENSEMBLE_FILENAME, RESULTS_FILENAME
 from siamese_jax.writers import MetricWriter
@@ -483,7 +483,6 @@ def close_after_fault(checkpointer: checkpoint.Checkpointer, error: Exception) -
       checkpointer.close()
     except Exception:  # noqa: BLE001
       pass
-
 
 
 def check_finite(fetched: list[dict], *, last_step: int, skip: bool, checkpoint_directory: pathlib.Path,

@@ -96,7 +96,6 @@ def open_set_split(labels: np.ndarray, *, known_fraction: float = 0.5, gallery_s
   return gallery, class_map[labels[gallery]], queries, class_map[labels[queries]]
 
 
-
 OPEN_SET_CALIBRATION_SPLITS = 8
 
 

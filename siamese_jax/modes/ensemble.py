@@ -26,10 +26,9 @@ import os
 import pathlib
 from typing import Callable, Sequence
 
-import numpy as np
-
 import jax
 import ml_collections
+import numpy as np
 
 from siamese_jax import distributed, train
 from siamese_jax.data import pipeline

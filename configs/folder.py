@@ -2,7 +2,7 @@ r"""Any image-folder dataset (one sub-folder per class, or group/class), classes
 
   python launch.py --config=configs/folder.py --config.data.path=/path/to/images --workdir=runs/folder
 Expected [results/render.py]: depends on your data; measured configs: docs/results.md.
-Defaults suit small colour images (64x64 RGB, small ResNet, triplet loss with semi-hard mining).
+Defaults suit small colour photos (64x64 RGB centre crops, photo augmentation, small ResNet, triplet loss).
 `:smoke` runs in seconds on a tiny folder (the tests make one).
 """
 
@@ -15,6 +15,8 @@ def get_config(arg: str | None = None):
   config.data.source = "folder"
   config.data.image_size = 64
   config.data.channels = 3
+  config.data.resize = "center_crop"  # photos keep their proportions; the edges go
+  config.augment.kind = "photo"  # random resized crop, flip, colour jitter instead of Koch's affine maps
   config.eval.lake_runs = False
   config.model = models.default_config("resnet")
   config.model.widths = (32, 64, 128)

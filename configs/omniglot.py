@@ -19,7 +19,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.source = "omniglot"  # omniglot | folder | tfds | synthetic (fake, for tests)
   config.data.data_dir = ""  # Omniglot zips or folders; "" = $OMNIGLOT_DIR, else ~/.cache/siamese_jax/omniglot
   config.data.download = True  # fetch the official zips (checksummed) when absent from data_dir
-  config.data.image_size = 28  # images are resized to image_size x image_size
+  # Images are resized to image_size x image_size, or (height, width) when given a pair such as (96, 64)
+  # (a FieldReference of type object, so configs and --config.data.image_size may set either).
+  config.data.image_size = ml_collections.FieldReference(28, field_type=object)
+  config.data.resize = "stretch"  # other proportions: stretch | center_crop (cover, crop centre) | letterbox (pad)
   config.data.channels = 1  # 1 = grayscale, 3 = RGB
   config.data.in_memory = True  # decode once into RAM; False decodes on each access (data larger than memory)
   config.data.cache_dir = ""  # "" = no on-disk cache of decoded arrays; else a directory for it
@@ -32,9 +35,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.num_workers = 0  # Grain worker processes building batches (0 = in the training process)
   # folder / tfds sources only:
   config.data.path = ""  # folder root (one sub-folder per class, or group/class)
+  config.data.test_path = ""  # folder: a separate test folder (same layout); then data.path is train + validation
   config.data.layout = "auto"  # flat | grouped | auto
-  config.data.test_fraction = 0.2  # folders: fraction of classes held out for testing (seeded)
-  config.data.validation_fraction = 0.1  # folders: fraction of classes held out for validation
+  config.data.split = "class"  # class: hold out whole classes (open-set) | image: part of every class's images
+  config.data.test_fraction = 0.2  # folders: fraction of classes (or of each class's images) held out for testing
+  config.data.validation_fraction = 0.1  # folders: fraction of classes (or of each class's images) for validation
   config.data.tfds_name = ""  # tfds: dataset name, e.g. omniglot
   config.data.tfds_train_split = "train"  # tfds: split to train on
   config.data.tfds_test_split = "test"  # tfds: split to test on

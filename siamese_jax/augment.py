@@ -1,10 +1,15 @@
-"""Image normalisation and Koch et al. (2015) affine distortions, as jnp code for the jitted step.
+"""Image normalisation and the on-device augmentations of the jitted step, as jnp code.
 
 Images travel from the loader as uint8 and are only turned into floats on the device, so the
 host ships a quarter of the bytes. Everything here is pure `jnp`, vectorised over the batch (one
 batched gather, no Python loop over examples), and traceable under `jit`, `vmap` and `shard_map`.
+Two kinds, chosen by `config.augment.kind`:
 
-Geometry conventions (needed to read the tests):
+* "affine": Koch et al. (2015) distortions for drawings (rotation, shear, scale, shift), zero fill;
+* "photo": what photographs get in torchvision-style training: a random resized crop, a horizontal
+  flip and colour jitter (`photo_augment_image`, built on dm_pix).
+
+Affine geometry conventions (needed to read the tests):
   * coordinates are (x, y) = (column, row) of pixel centres; the image centre is ((W-1)/2, (H-1)/2),
     so a 90 degree rotation maps pixel centres onto pixel centres exactly;
   * the forward map is out = A (in - centre) + centre + t with A = R(theta) @ Shear(rho) @ Scale(s),
@@ -17,28 +22,49 @@ Geometry conventions (needed to read the tests):
 from __future__ import annotations
 
 import numbers
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
+import dm_pix as pix
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from siamese_jax.errors import UserError
 
-# The names `random_affine` accepts, which are also the fields of `default_config()` besides `enabled`.
+KINDS = ("affine", "photo")
+# The names `random_affine` accepts: the fields of `default_config()` that kind="affine" reads.
 AFFINE_FIELDS = ("probability", "rotation_deg", "shear", "scale_min", "scale_max", "translate_px")
+# The names `random_photo` accepts: the fields of `default_config()` that kind="photo" reads.
+PHOTO_FIELDS = ("crop_scale_min", "crop_scale_max", "crop_ratio_min", "crop_ratio_max", "flip", "brightness",
+                "contrast", "saturation", "hue")
+
+# A crop narrower than this is resized up from too few pixels to hold any structure along that side.
+MIN_CROP_SIDE_PX = 2.0
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """Koch et al. (2015) distortion ranges; `config.augment` in the configs."""
+  """Augmentation settings, `config.augment` in the configs: Koch et al. (2015) affine ranges (the
+  default kind) and the photo ranges (torchvision's RandomResizedCrop, flip and ColorJitter)."""
   config = ml_collections.ConfigDict()
   config.enabled = True  # False: images are only converted to float (to_float), no distortion
+  config.kind = "affine"  # affine: Koch et al. distortions (drawings) | photo: crop, flip, colour jitter
+  # kind="affine":
   config.probability = 0.5  # chance that each of the 7 components (theta, rho_x/y, s_x/y, t_x/y) is applied
   config.rotation_deg = 10.0  # theta ~ U[-rotation_deg, rotation_deg] degrees
   config.shear = 0.3  # rho_x, rho_y ~ U[-shear, shear] (independently)
   config.scale_min = 0.8  # s_x, s_y ~ U[scale_min, scale_max] (independently)
   config.scale_max = 1.2  # upper end of the scale range
   config.translate_px = 2.0  # t_x, t_y ~ U[-translate_px, translate_px] pixels (continuous)
+  # kind="photo" (applied in this order, to every image; the crop is resized back to the image size):
+  config.crop_scale_min = 0.35  # crop area ~ U[crop_scale_min, crop_scale_max] of the image area
+  config.crop_scale_max = 1.0  # upper end (<= 1); crop_scale_min = 1 means no crop at all
+  config.crop_ratio_min = 3 / 4  # crop width/height ~ log-uniform in [crop_ratio_min, crop_ratio_max]
+  config.crop_ratio_max = 4 / 3  # upper end of the crop aspect ratio
+  config.flip = True  # mirror left-right with probability 1/2
+  config.brightness = 0.2  # pixels times a factor ~ U[1 - brightness, 1 + brightness]; 0 = off
+  config.contrast = 0.2  # distance from each channel's mean times ~ U[1 - contrast, 1 + contrast]; 0 = off
+  config.saturation = 0.2  # HSV saturation times ~ U[1 - saturation, 1 + saturation]; RGB only; 0 = off
+  config.hue = 0.02  # hue shifted by ~ U[-hue, hue] turns of the colour wheel (<= 0.5); RGB only; 0 = off
   return config
 
 
@@ -242,6 +268,204 @@ def random_affine(
   return apply_affine(images, **params)
 
 
+# --------------------------------------------------------------------------------------------------
+# Photo augmentation: random resized crop, horizontal flip, colour jitter
+
+
+def _check_photo_ranges(
+  crop_scale_min: Any, crop_scale_max: Any, crop_ratio_min: Any, crop_ratio_max: Any, flip: Any,
+  brightness: Any, contrast: Any, saturation: Any, hue: Any,
+) -> None:
+  """Rejects impossible photo ranges early; traced values (already inside jit) cannot be checked."""
+
+  def concrete(value: Any) -> bool:
+    return isinstance(value, numbers.Real)
+
+  if concrete(crop_scale_min) and not 0.0 < crop_scale_min <= 1.0:
+    raise UserError(f"augment.crop_scale_min: expected a fraction of the image area in (0, 1], got {crop_scale_min}")
+  if concrete(crop_scale_max) and concrete(crop_scale_min) and not crop_scale_min <= crop_scale_max <= 1.0:
+    raise UserError(f"augment.crop_scale_max: expected a value in [crop_scale_min={crop_scale_min}, 1], "
+                    f"got {crop_scale_max}")
+  if concrete(crop_ratio_min) and crop_ratio_min <= 0:
+    raise UserError(f"augment.crop_ratio_min: expected a width/height ratio > 0, got {crop_ratio_min}")
+  if concrete(crop_ratio_min) and concrete(crop_ratio_max) and crop_ratio_max < crop_ratio_min:
+    raise UserError(f"augment.crop_ratio_max ({crop_ratio_max}) must be >= augment.crop_ratio_min "
+                    f"({crop_ratio_min})")
+  if not isinstance(flip, (bool, jax.Array)):
+    raise UserError(f"augment.flip: expected True or False, got {flip!r}")
+  # A factor range 1 +- x must stay >= 0 (a negative factor would invert the image, not jitter it).
+  for name, value in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation)):
+    if concrete(value) and not 0.0 <= value <= 1.0:
+      raise UserError(f"augment.{name}: expected a half-range in [0, 1] (factor 1 +- {name}), got {value}")
+  if concrete(hue) and not 0.0 <= hue <= 0.5:
+    raise UserError(f"augment.hue: expected a half-range in [0, 0.5] turns of the colour wheel, got {hue}")
+
+
+def _crop_ratio_bounds(height: int, width: int, scale_min: Any) -> tuple[Any, Any]:
+  """The crop aspect ratios (width/height) at which `scale_min` of the image still fits inside it."""
+  return scale_min * width / height, width / (height * scale_min)
+
+
+def check_crop_fits(height: int, width: int, *, crop_scale_min: Any, crop_ratio_min: Any, crop_ratio_max: Any,
+                    **_: Any) -> None:
+  """Raises UserError when the smallest crop the ranges allow is under MIN_CROP_SIDE_PX on a side.
+
+  Such a crop is an image too small for the crop settings: resizing one or two pixels back up to
+  the image size leaves nothing to learn from along that side.
+  """
+  if not all(isinstance(v, numbers.Real) for v in (crop_scale_min, crop_ratio_min, crop_ratio_max)):
+    return
+  low, high = _crop_ratio_bounds(height, width, crop_scale_min)
+  area = crop_scale_min * height * width
+  narrowest = (area * min(max(crop_ratio_min, low), high)) ** 0.5  # width at the smallest ratio
+  flattest = (area / min(max(crop_ratio_max, low), high)) ** 0.5  # height at the largest ratio
+  if min(narrowest, flattest) < MIN_CROP_SIDE_PX:
+    raise UserError(
+      f"images of {height}x{width} px are too small for augment.crop_scale_min={crop_scale_min} with "
+      f"crop ratios [{crop_ratio_min:.3g}, {crop_ratio_max:.3g}]: crops could be {narrowest:.1f} px wide or "
+      f"{flattest:.1f} px high; expected at least {MIN_CROP_SIDE_PX:g} px a side (raise data.image_size or "
+      "augment.crop_scale_min)")
+
+
+def sample_crop_boxes(
+  key: jax.Array,
+  num_images: int,
+  height: int,
+  width: int,
+  *,
+  crop_scale_min: float = 0.35,
+  crop_scale_max: float = 1.0,
+  crop_ratio_min: float = 3 / 4,
+  crop_ratio_max: float = 4 / 3,
+) -> dict[str, jax.Array]:
+  """One crop box per image, in pixels: float32 [num_images] arrays top, left, height, width.
+
+  The aspect ratio r = width/height is drawn log-uniformly from [crop_ratio_min, crop_ratio_max], as in
+  torchvision's RandomResizedCrop, then clamped to the ratios at which crop_scale_min of the image fits;
+  the area fraction is then uniform between crop_scale_min and the largest area that fits at that ratio
+  (at most crop_scale_max). So every crop lies inside the image and covers [crop_scale_min,
+  crop_scale_max] of it without torchvision's rejection loop (a loop cannot be vectorised). Boxes are
+  continuous: the bilinear resize reads fractional pixels, so no rounding biases the scale.
+  """
+  _check_photo_ranges(crop_scale_min, crop_scale_max, crop_ratio_min, crop_ratio_max, True, 0.0, 0.0, 0.0, 0.0)
+  ratio_key, scale_key, position_key = jax.random.split(key, 3)
+  log_ratio = jax.random.uniform(ratio_key, (num_images,), jnp.float32, jnp.log(crop_ratio_min),
+                                 jnp.log(crop_ratio_max))
+  low, high = _crop_ratio_bounds(height, width, crop_scale_min)
+  ratio = jnp.minimum(jnp.maximum(jnp.exp(log_ratio), low), high)
+  # Largest area fraction whose crop at this ratio fits: width sqrt(s H W r) <= W and height <= H.
+  fits = jnp.minimum(width / (height * ratio), height * ratio / width)
+  top_scale = jnp.maximum(jnp.minimum(crop_scale_max, fits), crop_scale_min)
+  scale = crop_scale_min + jax.random.uniform(scale_key, (num_images,), jnp.float32) * (top_scale - crop_scale_min)
+  area = scale * (height * width)
+  # The clamps only remove float rounding past the image's sides.
+  crop_width = jnp.minimum(jnp.sqrt(area * ratio), float(width))
+  crop_height = jnp.minimum(jnp.sqrt(area / ratio), float(height))
+  position = jax.random.uniform(position_key, (2, num_images), jnp.float32)
+  return {
+    "top": position[0] * (height - crop_height),
+    "left": position[1] * (width - crop_width),
+    "height": crop_height,
+    "width": crop_width,
+  }
+
+
+def crop_and_resize(image: jax.Array, top: jax.Array, left: jax.Array, height: jax.Array,
+                    width: jax.Array) -> jax.Array:
+  """The box (top, left, height, width) of image [H, W, C], bilinearly resized to [H, W, C].
+
+  Output pixel i samples the input at top + (i + 1/2) * height / H - 1/2 (pixel centres, as
+  torchvision and PIL resize), so the whole-image box is exactly the identity; reads past a side
+  repeat the edge pixel (they stay within half a pixel of it).
+  """
+  image_height, image_width = image.shape[0], image.shape[1]
+  step_y, step_x = height / image_height, width / image_width
+  matrix = jnp.stack([step_y, step_x, jnp.ones_like(step_y)])  # diagonal: (row, column, channel)
+  offset = jnp.stack([top + 0.5 * step_y - 0.5, left + 0.5 * step_x - 0.5, jnp.zeros_like(top)])
+  return pix.affine_transform(image, matrix, offset=offset, order=1, mode="nearest")
+
+
+def photo_augment_image(
+  key: jax.Array,
+  image: jax.Array,
+  *,
+  crop_scale_min: float = 0.35,
+  crop_scale_max: float = 1.0,
+  crop_ratio_min: float = 3 / 4,
+  crop_ratio_max: float = 4 / 3,
+  flip: bool = True,
+  brightness: float = 0.2,
+  contrast: float = 0.2,
+  saturation: float = 0.2,
+  hue: float = 0.02,
+) -> jax.Array:
+  """One photo [H, W, C] (uint8 or float in [0, 1]) -> float32 [H, W, C] in [0, 1].
+
+  In this fixed order: random resized crop (`sample_crop_boxes`, back to H x W), left-right flip with
+  probability 1/2, then brightness, contrast, saturation, hue. The order is fixed rather than
+  torchvision's random one because under vmap a per-image order would compute every order and select
+  one. Ranges follow torchvision's ColorJitter; contrast (around each channel's mean), saturation (in
+  HSV) and hue are dm_pix's, i.e. TensorFlow's, definitions. Each step clips to [0, 1], as torchvision
+  does. Saturation and hue are skipped for grayscale (C = 1): a grey image has no saturation and
+  no hue, so on RGB they would leave it unchanged too. Every draw is made whatever the settings, so
+  one key gives the same crop with C = 1 or 3 and whichever colour steps are off.
+  """
+  image = to_float(image)
+  if image.ndim != 3:
+    raise UserError(f"images: expected one image of shape [H, W, C], got {image.shape}")
+  height, width, channels = image.shape
+  crop = dict(crop_scale_min=crop_scale_min, crop_scale_max=crop_scale_max, crop_ratio_min=crop_ratio_min,
+              crop_ratio_max=crop_ratio_max)
+  _check_photo_ranges(**crop, flip=flip, brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)
+  check_crop_fits(height, width, **crop)
+  crop_key, flip_key, colour_key = jax.random.split(key, 3)
+  box = jax.tree.map(lambda value: value[0], sample_crop_boxes(crop_key, 1, height, width, **crop))
+  # Concrete full-image crops skip the resampling (exactly the identity anyway).
+  if not (isinstance(crop_scale_min, numbers.Real) and crop_scale_min >= 1.0):
+    image = crop_and_resize(image, **box)
+  if flip is not False:
+    mirrored = jax.random.bernoulli(flip_key, 0.5) & jnp.asarray(flip)
+    image = jnp.where(mirrored, pix.flip_left_right(image), image)
+
+  def symmetric(u: jax.Array, half_range: float) -> jax.Array:
+    return (2.0 * u - 1.0) * half_range
+
+  u = jax.random.uniform(colour_key, (4,), jnp.float32)
+
+  def off(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and value == 0
+
+  if not off(brightness):
+    # torchvision's brightness: a factor on every pixel (black stays black), not dm_pix's added delta.
+    image = jnp.clip(image * (1.0 + symmetric(u[0], brightness)), 0.0, 1.0)
+  if not off(contrast):
+    image = jnp.clip(pix.adjust_contrast(image, 1.0 + symmetric(u[1], contrast)), 0.0, 1.0)
+  if channels == 3 and not off(saturation):
+    image = jnp.clip(pix.adjust_saturation(image, 1.0 + symmetric(u[2], saturation)), 0.0, 1.0)
+  if channels == 3 and not off(hue):
+    image = jnp.clip(pix.adjust_hue(image, symmetric(u[3], hue)), 0.0, 1.0)
+  return image.astype(jnp.float32)
+
+
+def random_photo(key: jax.Array, images: jax.Array, **options: Any) -> jax.Array:
+  """`photo_augment_image` on every image of [N, H, W, C], image i with key `jax.random.split(key, N)[i]`.
+
+  One vmapped program for the batch (no Python loop). Returns float32 [N, H, W, C] in [0, 1].
+  """
+  images = to_float(images)
+  if images.ndim != 4:
+    raise UserError(f"images: expected shape [N, H, W, C], got {images.shape}")
+  unknown = sorted(set(options) - set(PHOTO_FIELDS))
+  if unknown:
+    raise UserError(f"augment: unknown photo field(s) {unknown}; valid fields are {sorted(PHOTO_FIELDS)}")
+  keys = jax.random.split(key, images.shape[0])
+  return jax.vmap(lambda k, image: photo_augment_image(k, image, **options))(keys, images)
+
+
+# --------------------------------------------------------------------------------------------------
+# Dispatch on the config
+
+
 def _options_from(config: Mapping[str, Any] | ml_collections.ConfigDict | None, overrides: dict) -> dict:
   """Merges the config and keyword overrides over the defaults, rejecting unknown fields."""
   options = default_config().to_dict()
@@ -272,16 +496,40 @@ def augment_batch(
   if not options["enabled"]:
     return images
   flat = images.reshape((-1,) + images.shape[2:])
-  distorted = random_affine(key, flat, **{name: options[name] for name in AFFINE_FIELDS})
-  return distorted.reshape(images.shape)
+  return distortion(options)(key, flat).reshape(images.shape)
+
+
+def distortion(config: Mapping[str, Any] | ml_collections.ConfigDict) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """`(key, images [N, H, W, C]) -> float32 [N, H, W, C]` for `config.augment`'s kind, with its fields.
+
+  A config without `kind` (written before photo augmentation existed) means "affine"; each kind
+  reads only its own fields, so old configs need none of the photo ones.
+  """
+  kind = config.get("kind", "affine")
+  if kind == "affine":
+    options = {name: config[name] for name in AFFINE_FIELDS}
+    return lambda key, images: random_affine(key, images, **options)
+  if kind == "photo":
+    options = {name: config[name] for name in PHOTO_FIELDS}
+    _check_photo_ranges(**options)
+    return lambda key, images: random_photo(key, images, **options)
+  raise UserError(f"augment.kind={kind!r}: expected one of {KINDS}")
 
 
 __all__ = [
   "AFFINE_FIELDS",
+  "KINDS",
+  "PHOTO_FIELDS",
   "apply_affine",
   "augment_batch",
+  "check_crop_fits",
+  "crop_and_resize",
   "default_config",
+  "distortion",
+  "photo_augment_image",
   "random_affine",
+  "random_photo",
   "sample_affine_params",
+  "sample_crop_boxes",
   "to_float",
 ]

@@ -107,8 +107,7 @@ def augment_examples(step_key, example_ids, images, augment_config):
   if not augment_config.enabled:
     return augment.to_float(images)
   keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(step_key, example_ids)
-  options = {k: v for k, v in augment_config.items() if k != "enabled"}
-  return jax.vmap(lambda key, example: augment.random_affine(key, example, **options))(keys, images)
+  return jax.vmap(augment.distortion(augment_config))(keys, images)
 
 
 @dataclasses.dataclass

@@ -153,12 +153,13 @@ def omniglot_source(subset: Literal["background", "evaluation"] = "background", 
                     data_dir: str | os.PathLike | None = None,
                     image_shape: Sequence[int] = (105, 105, 1), in_memory: bool = True,
                     cache_dir: str | os.PathLike | None = None, download: bool = True,
-                    base_url: str = OMNIGLOT_BASE_URL) -> sources.ImageSource:
+                    base_url: str = OMNIGLOT_BASE_URL, resize: str = "stretch") -> sources.ImageSource:
   """Omniglot's background (training) or evaluation set as an ImageSource.
 
   Groups are alphabets, classes "Alphabet/characterNN", drawers the YY of `XXXX_YY.png`, file ids
   the path inside the zip ("images_background/Greek/character01/0394_01.png"), identical whether the
   zip or the extracted folder is read (the zip wins when both exist). Ink = 255, background = 0.
+  `resize` (sources.RESIZE_MODES) matters only for a non-square `image_shape`.
   """
   if subset not in ("background", "evaluation"):
     raise UserError(f"subset={subset!r}: expected 'background' or 'evaluation'")
@@ -205,7 +206,7 @@ def omniglot_source(subset: Literal["background", "evaluation"] = "background", 
   return sources.source_from_reader(
       reader, file_ids=file_ids, class_keys=class_keys, group_keys=group_keys,
       drawers=np.array(drawers, np.int32), image_shape=image_shape, invert=True,
-      in_memory=in_memory, cache_dir=cache_dir, description=f"omniglot_{subset}")
+      in_memory=in_memory, cache_dir=cache_dir, description=f"omniglot_{subset}", resize=resize)
 
 
 def split_background(source: sources.ImageSource, *,
@@ -348,11 +349,11 @@ _RUN_LABELS = re.compile(r"^(?:(.*)/)?(run\d+)/class_labels\.txt$")
 def load_lake_runs(zip_path: str | os.PathLike | None = None,
                    image_shape: Sequence[int] = (105, 105, 1), *,
                    data_dir: str | os.PathLike | None = None, download: bool = True,
-                   base_url: str = OMNIGLOT_BASE_URL) -> list[LakeRun]:
+                   base_url: str = OMNIGLOT_BASE_URL, resize: str = "stretch") -> list[LakeRun]:
   """Reads Lake's official one-shot benchmark (all_runs.zip) into 20 LakeRuns, sorted by name.
 
   `zip_path=None` looks for all_runs.zip in the Omniglot folder (downloading it if allowed). Images
-  follow the same ink = 255 convention as `omniglot_source`.
+  follow the same ink = 255 convention as `omniglot_source`, and the same `resize`.
   """
   image_shape = sources.check_image_shape(image_shape)
   if zip_path is None:
@@ -373,7 +374,7 @@ def load_lake_runs(zip_path: str | os.PathLike | None = None,
       run_name = match.group(2)
 
       def read(member: str) -> np.ndarray:
-        return sources.decode_image(archive.read(member), image_shape, invert=True,
+        return sources.decode_image(archive.read(member), image_shape, invert=True, resize=resize,
                                     name=f"{zip_path}:{member}")
 
       training_names = sorted(n for n in names if n.startswith(run_dir + "training/")

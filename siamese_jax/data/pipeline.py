@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import functools
 import dataclasses
+import os
 from typing import Any, Callable, Iterator
 
 import grain
@@ -88,6 +89,9 @@ def prefetch_to_device(iterator, put: Callable[[dict], Any], size: int = 2) -> I
 
 
 SOURCES = ("omniglot", "folder", "tfds", "synthetic")
+# data.split: "class" holds out whole classes for validation and test (open-set: one-shot on unseen
+# classes); "image" holds out part of every class's images (closed-set: the same classes everywhere).
+SPLITS = ("class", "image")
 
 
 @dataclasses.dataclass
@@ -108,6 +112,39 @@ def split_seed(data_config, seed: int) -> int:
   """
   chosen = data_config.get("split_seed", -1)  # absent from configs written before it
   return seed if chosen < 0 else int(chosen)
+
+
+def image_shape(data_config) -> tuple[int, int, int]:
+  """(height, width, channels) from `data.image_size` (a side, or a (height, width) pair) and `data.channels`."""
+  size = data_config.image_size
+  if isinstance(size, (list, tuple)) and len(size) == 2:
+    height, width = size
+  else:
+    height = width = size
+  if any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in (height, width)):
+    raise UserError(f"data.image_size={size!r}: expected a positive side length (e.g. 64) or a (height, width) "
+                    "pair of them (e.g. (96, 64))")
+  return sources.check_image_shape((int(height), int(width), data_config.channels),
+                                   "(data.image_size, data.channels)")
+
+
+def _check_data_fields(data_config) -> None:
+  """Field combinations that cannot work, refused before anything is read."""
+  source = data_config.source
+  # `.get`: split, resize and test_path are absent from configs written before they existed.
+  split, test_path = data_config.get("split", "class"), data_config.get("test_path", "")
+  sources.check_resize(data_config.get("resize", "stretch"), "data.resize")
+  if split not in SPLITS:
+    raise UserError(f"data.split={split!r}: expected 'class' (held-out classes, open-set) or 'image' (part of "
+                    "every class's images held out, closed-set)")
+  if split == "image" and source not in ("folder", "synthetic"):
+    given = {"omniglot": "its test classes are the evaluation alphabets",
+             "tfds": "its test classes come from data.tfds_test_split"}.get(source, "it has no per-image split")
+    raise UserError(f"data.split='image' with data.source={source!r}: {given}; per-image splits need "
+                    "data.source='folder' (or 'synthetic'), else set data.split='class'")
+  if test_path and source != "folder":
+    raise UserError(f"data.test_path={test_path!r} with data.source={source!r}: a separate test folder needs "
+                    "data.source='folder'; set data.test_path=''")
 
 
 def load_splits(data_config, seed: int) -> Splits:
@@ -138,12 +175,14 @@ def _source_splits(data_config, seed: int) -> Splits:
   with validation="none"; test), and no Lake's runs: their characters come from alphabets that split
   partly trains on. Both also carry the Vinyals test classes when splits/vinyals/ is present (all 423
   characters are from evaluation alphabets, so unseen by a background-trained model).
-  folder / tfds: classes are split by a seeded draw.
+  folder / synthetic: classes (data.split="class") or each class's images ("image") are split by a
+  seeded draw; with data.test_path, the test split is that folder and only validation is drawn.
+  tfds: validation classes are drawn from the train split.
   """
-  size, channels = data_config.image_size, data_config.channels
-  image_shape = (size, size, channels)
-  common = dict(image_shape=image_shape, in_memory=data_config.in_memory,
-                cache_dir=data_config.cache_dir or None)
+  _check_data_fields(data_config)
+  shape = image_shape(data_config)
+  common = dict(image_shape=shape, in_memory=data_config.in_memory, cache_dir=data_config.cache_dir or None,
+                resize=data_config.get("resize", "stretch"))
   if data_config.source == "omniglot":
     data_dir = omniglot.resolve_data_dir(data_config.data_dir or None)
     load = functools.partial(omniglot.omniglot_source, data_dir=data_dir, download=data_config.download,
@@ -170,13 +209,20 @@ def _source_splits(data_config, seed: int) -> Splits:
         num_validation_alphabets=data_config.num_validation_alphabets,
         validation_drawers=tuple(data_config.validation_drawers), seed=seed)
     lake_zip = data_dir / "all_runs.zip"
-    lake_runs = omniglot.load_lake_runs(lake_zip, image_shape) if lake_zip.exists() else []
+    lake_runs = omniglot.load_lake_runs(lake_zip, shape, resize=common["resize"]) if lake_zip.exists() else []
     return Splits(train, validation, evaluation, lake_runs, vinyals("test") if has_vinyals else None)
   if data_config.source == "folder":
     if not data_config.path:
       raise UserError("data.path must name the image folder when data.source='folder'.")
-    everything = sources.image_folder_source(data_config.path, layout=data_config.layout, **common)
-    return _split_test_and_validation(everything, data_config, seed)
+    load = functools.partial(sources.image_folder_source, layout=data_config.layout, **common)
+    test_path = data_config.get("test_path", "")
+    if test_path and os.path.realpath(test_path) == os.path.realpath(data_config.path):
+      raise UserError(f"data.test_path={test_path!r} is data.path: the test folder must hold other images "
+                      "(or set data.test_path='' to split data.path)")
+    everything = load(data_config.path)
+    if test_path:
+      return _split_validation(everything, load(test_path), data_config, seed)
+    return _split_test_and_validation(everything, data_config, seed, root=data_config.path)
   if data_config.source == "tfds":
     load = functools.partial(sources.tfds_source, data_config.tfds_name, data_dir=data_config.data_dir or None,
                              group_key=data_config.tfds_group_key or None, **common)
@@ -185,13 +231,14 @@ def _source_splits(data_config, seed: int) -> Splits:
     return Splits(train, validation, load(data_config.tfds_test_split))
   if data_config.source == "synthetic":  # learnable fake data: tests, benchmarks, trying a config offline
     everything = sources.synthetic_source(num_classes=data_config.synthetic_classes, per_class=20,
-                                          image_shape=image_shape, num_groups=4, seed=seed)
+                                          image_shape=shape, num_groups=4, seed=seed)
     return _split_test_and_validation(everything, data_config, seed)
   raise UserError(f"data.source='{data_config.source}' is not one of {SOURCES}.")
 
 
-def _split_test_and_validation(everything, data_config, seed: int) -> Splits:
-  """Seeded class splits for data with no given split: test classes first, then validation classes."""
+def _split_test_and_validation(everything, data_config, seed: int, root: str | None = None) -> Splits:
+  """Seeded splits for data with no given split: test classes first, then validation classes; or, with
+  data.split="image", test and validation images of every class in one draw (`root` names class folders)."""
   test_fraction, validation_fraction = data_config.test_fraction, data_config.validation_fraction
   # Checked here so the message names the config fields; split_classes only knows "held_out".
   if not 0 < test_fraction < 1 or not 0 <= validation_fraction < 1 or \
@@ -199,9 +246,35 @@ def _split_test_and_validation(everything, data_config, seed: int) -> Splits:
     raise UserError(f"data.test_fraction={test_fraction} and data.validation_fraction="
                     f"{validation_fraction}: expected 0 < test_fraction < 1, 0 <= validation_fraction "
                     "and test_fraction + validation_fraction < 1 (some classes must be left to train on).")
+  if data_config.get("split", "class") == "image":
+    fractions = (test_fraction, validation_fraction) if validation_fraction > 0 else (test_fraction,)
+    context = (f"data.split='image' with data.test_fraction={test_fraction}, "
+               f"data.validation_fraction={validation_fraction}")
+    train, test, *validation = sources.split_images(everything, fractions, seed=seed, root=root, context=context)
+    return Splits(train, validation[0] if validation else None, test)
   rest, test = sources.split_classes(everything, test_fraction, seed=seed)
   validation_share = validation_fraction / (1 - test_fraction)
   return Splits(*_hold_out_validation(rest, validation_share, seed + 1), test)
+
+
+def _split_validation(everything, test, data_config, seed: int) -> Splits:
+  """data.test_path given: `everything` (data.path) gives train and validation, `test` is the test split.
+
+  data.test_fraction plays no part. Validation is validation_fraction of the classes (data.split=
+  "class") or of every class's images ("image").
+  """
+  validation_fraction = data_config.validation_fraction
+  if not 0 <= validation_fraction < 1:
+    raise UserError(f"data.validation_fraction={validation_fraction}: expected 0 <= validation_fraction < 1 "
+                    "(some of data.path must be left to train on)")
+  if data_config.get("split", "class") == "class":
+    return Splits(*_hold_out_validation(everything, validation_fraction, seed), test)
+  if validation_fraction == 0:
+    return Splits(everything, None, test)
+  context = f"data.split='image' with data.validation_fraction={validation_fraction}"
+  train, validation = sources.split_images(everything, (validation_fraction,), seed=seed, root=data_config.path,
+                                           context=context)
+  return Splits(train, validation, test)
 
 
 def _hold_out_validation(source, fraction: float, seed: int):

@@ -12,6 +12,12 @@ inspect (labels, classes, groups, drawers). It comes in two storage modes:
 Builders here: `image_folder_source` (one folder per class, optionally grouped), `tfds_source`
 (a prepared TFDS data set through `tfds.data_source`), `synthetic_source` (fake data for tests), and
 `ImageSource.from_arrays`. Omniglot's original files live in `omniglot.py` and reuse these pieces.
+Splits: `split_classes` holds out whole classes (open-set), `split_images` part of every class's
+images (closed-set).
+
+Every image is resized to one (H, W) when decoded, by one of `RESIZE_MODES`: stretched to the frame
+(drawings and icons fill it), scaled to cover it and centre-cropped (photos keep their proportions
+and lose the edges), or scaled to fit inside it and padded (nothing is lost).
 """
 
 from __future__ import annotations
@@ -41,6 +47,17 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 # Bumped whenever decoding changes (filter, conversions), so stale on-disk caches are not reused.
 _DECODE_VERSION = 1
 
+# How an image reaches the target (H, W) when its proportions differ: "stretch" scales each side to
+# fit (distorts), "center_crop" scales the short side to fit and crops the centre (torchvision's
+# Resize + CenterCrop), "letterbox" scales the long side to fit and pads the rest.
+RESIZE_MODES = ("stretch", "center_crop", "letterbox")
+
+# Letterbox bars are mid-grey: it is about the mean of natural photos, so the bars add the weakest
+# edges and, after the usual mean subtraction, read as about zero (no signal), like a network's own
+# zero padding. Black bars would be strong edges next to light pictures. Inverted drawings
+# (ink = 255 on background = 0) are padded with paper instead, so the bars are background.
+LETTERBOX_GREY = 128
+
 # Formats that may carry an EXIF orientation (phone photos); PNGs skip the lookup, which has a cost.
 _EXIF_FORMATS = frozenset({"JPEG", "MPO", "TIFF", "WEBP"})
 
@@ -63,12 +80,46 @@ def check_image_shape(image_shape: Sequence[int], field: str = "image_shape") ->
   return shape  # type: ignore[return-value]
 
 
-def convert_image(image: Image.Image, image_shape: ImageShape, *, invert: bool = False) -> np.ndarray:
+def check_resize(resize: str, field: str = "resize") -> str:
+  """Returns `resize` or raises UserError naming `field` when it is not one of RESIZE_MODES."""
+  if resize not in RESIZE_MODES:
+    raise UserError(f"{field}={resize!r}: expected one of {RESIZE_MODES}")
+  return resize
+
+
+def _resize(image: Image.Image, height: int, width: int, resize: str, fill: int) -> Image.Image:
+  """`image` brought to (height, width) by the mode `resize` (see RESIZE_MODES), LANCZOS filtered."""
+  in_width, in_height = image.size
+  if resize == "stretch":
+    return image.resize((width, height), Image.Resampling.LANCZOS)
+  if resize == "center_crop":
+    # Resample the centred box of the target's proportions straight to the target size: one
+    # resampling, with a fractional box, instead of a rounded resize followed by a rounded crop.
+    if in_width * height > in_height * width:  # wider than the target: crop the sides
+      box_width = in_height * width / height
+      box = ((in_width - box_width) / 2, 0.0, (in_width + box_width) / 2, float(in_height))
+    else:  # taller (or the same proportions): crop top and bottom
+      box_height = in_width * height / width
+      box = (0.0, (in_height - box_height) / 2, float(in_width), (in_height + box_height) / 2)
+    return image.resize((width, height), Image.Resampling.LANCZOS, box=box)
+  factor = min(width / in_width, height / in_height)
+  inner = (max(1, min(width, int(in_width * factor + 0.5))), max(1, min(height, int(in_height * factor + 0.5))))
+  if inner != image.size:
+    image = image.resize(inner, Image.Resampling.LANCZOS)
+  canvas = Image.new(image.mode, (width, height), fill if image.mode == "L" else (fill,) * 3)
+  canvas.paste(image, ((width - inner[0]) // 2, (height - inner[1]) // 2))
+  return canvas
+
+
+def convert_image(image: Image.Image, image_shape: ImageShape, *, invert: bool = False,
+                  resize: str = "stretch") -> np.ndarray:
   """A decoded PIL image as uint8 [H, W, C]: colour converted, resized, optionally inverted.
 
-  The image is stretched to (H, W) without cropping (characters and icons fill their frame). LANCZOS
-  is an antialiasing filter when shrinking, so thin strokes turn grey instead of vanishing; its
-  slight overshoot is clipped at 0/255, which is where ink and background sit anyway.
+  `resize` (RESIZE_MODES) says how other proportions reach (H, W); "stretch" scales each side
+  without cropping (characters and icons fill their frame). Letterbox bars are LETTERBOX_GREY, or
+  paper (background after inversion) with `invert`. LANCZOS is an antialiasing filter when
+  shrinking, so thin strokes turn grey instead of vanishing; its slight overshoot is clipped at
+  0/255, which is where ink and background sit anyway.
   """
   height, width, channels = image_shape
   if image.format in _EXIF_FORMATS:
@@ -82,7 +133,7 @@ def convert_image(image: Image.Image, image_shape: ImageShape, *, invert: bool =
     image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
   image = image.convert("L" if channels == 1 else "RGB")
   if image.size != (width, height):
-    image = image.resize((width, height), Image.Resampling.LANCZOS)
+    image = _resize(image, height, width, check_resize(resize), 255 if invert else LETTERBOX_GREY)
   array = np.asarray(image, dtype=np.uint8)
   if channels == 1:
     array = array[:, :, None]
@@ -92,8 +143,10 @@ def convert_image(image: Image.Image, image_shape: ImageShape, *, invert: bool =
 
 
 def decode_image(data: bytes, image_shape: Sequence[int], *, invert: bool = False,
-                 name: str = "<image bytes>") -> np.ndarray:
+                 name: str = "<image bytes>", resize: str = "stretch") -> np.ndarray:
   """Decodes any PIL-readable image to uint8 [H, W, C] (grayscale for C=1, RGB for C=3).
+
+  `resize` is one of RESIZE_MODES (how other proportions reach H x W; see `convert_image`).
 
   `invert=True` maps dark ink on white paper to ink = 255 on background = 0 (the Omniglot convention,
   so that zero padding is background). An unreadable file raises UserError naming `name`.
@@ -109,7 +162,7 @@ def decode_image(data: bytes, image_shape: Sequence[int], *, invert: bool = Fals
     raise UserError(
         f"{name}: cannot decode this image ({detail}); expected a readable "
         f"image file ({', '.join(IMAGE_EXTENSIONS)}). Replace or delete the file.") from error
-  return convert_image(image, image_shape, invert=invert)
+  return convert_image(image, image_shape, invert=invert, resize=resize)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -215,15 +268,16 @@ def open_zip(zip_path: str | os.PathLike) -> zipfile.ZipFile:
 class ImageDecoder:
   """Picklable `index -> uint8 [H, W, C]` loader of a lazy source: reader + decode_image."""
 
-  def __init__(self, reader: Reader, image_shape: ImageShape, invert: bool):
+  def __init__(self, reader: Reader, image_shape: ImageShape, invert: bool, resize: str = "stretch"):
     self.reader = reader
     self.image_shape = image_shape
     self.invert = invert
+    self.resize = check_resize(resize)
 
   def __call__(self, index: int) -> np.ndarray:
     # Looked up in the module at call time, so tests can observe or replace decoding.
     return decode_image(self.reader.read(index), self.image_shape, invert=self.invert,
-                        name=self.reader.name(index))
+                        name=self.reader.name(index), resize=self.resize)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -526,7 +580,7 @@ def source_from_reader(reader: Reader, *, file_ids: Sequence[str], class_keys: S
                        group_keys: Sequence[str] | None, drawers: Any = None,
                        image_shape: Sequence[int], invert: bool = False, in_memory: bool = True,
                        cache_dir: str | os.PathLike | None = None,
-                       description: str = "images") -> ImageSource:
+                       description: str = "images", resize: str = "stretch") -> ImageSource:
   """An ImageSource over the files of `reader`, record i having class `class_keys[i]`.
 
   Classes are numbered in sorted (group, class) order and groups in sorted order, so the numbering
@@ -546,15 +600,16 @@ def source_from_reader(reader: Reader, *, file_ids: Sequence[str], class_keys: S
   class_groups = np.array([group_index[group] for group, _ in pairs], np.int32)
   if drawers is None:
     drawers = np.full(len(labels), -1, np.int32)
-  loader = ImageDecoder(reader, image_shape, invert)
+  loader = ImageDecoder(reader, image_shape, invert, resize)
   common = dict(labels=labels, class_names=class_names, class_groups=class_groups,
                 group_names=group_names, file_ids=file_ids, drawers=drawers,
                 image_shape=image_shape)
   if not in_memory:
     return ImageSource(**common, loader=loader)
+  # "stretch" stays out of the key, so caches written before there was a choice remain valid.
+  options = {"invert": invert} if resize == "stretch" else {"invert": invert, "resize": resize}
   images = cached_decode_all(loader, file_ids, image_shape, description=description,
-                             cache_dir=cache_dir, identity=reader.identity,
-                             options={"invert": invert})
+                             cache_dir=cache_dir, identity=reader.identity, options=options)
   return ImageSource(**common, images=images)
 
 
@@ -594,16 +649,30 @@ def detect_folder_layout(root: pathlib.Path) -> Literal["flat", "grouped"]:
   return "grouped" if with_dirs else "flat"
 
 
+def count_grayscale(images: np.ndarray, chunk: int = 1024) -> int:
+  """How many RGB images uint8 [N, H, W, 3] are grey: all three channels equal at every pixel
+  (grayscale files converted to RGB, and colour files holding only greys). Chunked, so the
+  comparison never needs a copy of the whole array."""
+  count = 0
+  for start in range(0, len(images), chunk):
+    block = images[start:start + chunk]
+    grey = (block[..., 0] == block[..., 1]) & (block[..., 1] == block[..., 2])
+    count += int(grey.reshape(len(block), -1).all(axis=1).sum())
+  return count
+
+
 def image_folder_source(root: str | os.PathLike, image_shape: Sequence[int], *,
                         layout: Literal["flat", "grouped", "auto"] = "auto",
                         in_memory: bool = True, cache_dir: str | os.PathLike | None = None,
-                        invert: bool = False) -> ImageSource:
+                        invert: bool = False, resize: str = "stretch") -> ImageSource:
   """Images in class folders: `root/<class>/<image>` ("flat") or `root/<group>/<class>/<image>`.
 
   "grouped" keeps the group (e.g. an alphabet) so splits can hold out whole groups; class names are
   then "group/class". "auto" picks by looking one level down. Only files with an image extension
   count (others, and hidden files, are ignored); everything is sorted by name, so the numbering is
-  the same on every machine. `invert=True` turns dark-on-light drawings into ink = 255.
+  the same on every machine. `invert=True` turns dark-on-light drawings into ink = 255. `resize`:
+  one of RESIZE_MODES. An RGB folder decoded in memory prints one note with the number of grey
+  images in it (`count_grayscale`): a colour model then sees them without colour.
   """
   root_path = pathlib.Path(root)
   if not root_path.is_dir():
@@ -638,10 +707,16 @@ def image_folder_source(root: str | os.PathLike, image_shape: Sequence[int], *,
       relative_paths.append(file.relative_to(root_path).as_posix())
       class_keys.append(class_name)
       group_keys.append(group)
-  return source_from_reader(
+  source = source_from_reader(
       FolderReader(root_path, relative_paths), file_ids=relative_paths, class_keys=class_keys,
       group_keys=group_keys if layout == "grouped" else None, image_shape=image_shape,
-      invert=invert, in_memory=in_memory, cache_dir=cache_dir, description=root_path.name)
+      invert=invert, in_memory=in_memory, cache_dir=cache_dir, description=root_path.name,
+      resize=resize)
+  if source.images is not None and source.image_shape[2] == 3:
+    grey = count_grayscale(source.images)
+    if grey:
+      print(f"note: {grey} grayscale images in {root_path} were converted to RGB", flush=True)
+  return source
 
 
 # --------------------------------------------------------------------------------------------------
@@ -683,9 +758,10 @@ class TfdsImageLoader:
   """Picklable `index -> uint8 [H, W, C]` over a TFDS data source, reopened lazily per process."""
 
   def __init__(self, name: str, split: str, data_dir: str | None, image_key: str,
-               image_shape: ImageShape, invert: bool, data_source: Any = None):
+               image_shape: ImageShape, invert: bool, data_source: Any = None, resize: str = "stretch"):
     self.name, self.split, self.data_dir = name, split, data_dir
     self.image_key, self.image_shape, self.invert = image_key, image_shape, invert
+    self.resize = check_resize(resize)
     self._data_source = data_source
     self._pid = os.getpid() if data_source is not None else -1
 
@@ -712,7 +788,7 @@ class TfdsImageLoader:
                       f"pixels, got {array.dtype}")
     # uint8 [H, W] reads as "L", [H, W, 3] as "RGB", [H, W, 4] as "RGBA".
     image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
-    return convert_image(image, self.image_shape, invert=self.invert)
+    return convert_image(image, self.image_shape, invert=self.invert, resize=self.resize)
 
   def __call__(self, index: int) -> np.ndarray:
     return self.convert(self.record(index)[self.image_key], index)
@@ -737,7 +813,7 @@ def tfds_source(name: str, split: str, *, data_dir: str | os.PathLike | None = N
                 image_shape: Sequence[int], image_key: str = "image", label_key: str = "label",
                 group_key: str | None = None, in_memory: bool = True,
                 cache_dir: str | os.PathLike | None = None,
-                invert: bool | None = None) -> ImageSource:
+                invert: bool | None = None, resize: str = "stretch") -> ImageSource:
   """A prepared TFDS data set (array_record format) through `tfds.data_source`; never downloads.
 
   Labels are renumbered densely over the classes present in `split` (TFDS Omniglot's "train" split
@@ -746,7 +822,8 @@ def tfds_source(name: str, split: str, *, data_dir: str | os.PathLike | None = N
   `invert=None` inverts for "omniglot" (white paper, black ink in TFDS) so that ink = 255 as in
   Contract 1, and leaves other data sets alone. The split is read once to collect labels (and, in
   memory, images in the same pass); with `cache_dir`, an in-memory source stores images and labels
-  keyed by the prepared files' identity, and a later run reads no record at all.
+  keyed by the prepared files' identity, and a later run reads no record at all. `resize`: one of
+  RESIZE_MODES.
   """
   import tensorflow_datasets as tfds
 
@@ -767,13 +844,15 @@ def tfds_source(name: str, split: str, *, data_dir: str | os.PathLike | None = N
     return (lambda value: names[value]) if names else str
 
   loader = TfdsImageLoader(name, split, data_dir_str, image_key, image_shape, invert,
-                           data_source=data_source)
+                           data_source=data_source, resize=resize)
   count = len(data_source)
   cache_path, cached = None, None
   identity = _tfds_identity(builder) if in_memory and cache_dir is not None else None
   if identity is not None:
+    # As for folders, "stretch" stays out of the key so that earlier caches remain valid.
     cache_path = cache_file(cache_dir, f"tfds_{base_name}_{split}", [
-        name, split, image_key, label_key, group_key, list(image_shape), invert, identity])
+        name, split, image_key, label_key, group_key, list(image_shape), invert, identity]
+        + ([] if resize == "stretch" else [resize]))
     cached = read_cache(cache_path)
   if (cached is not None and {"images", "raw_labels", "raw_groups"} <= cached.keys()
       and cached["images"].shape == (count, *image_shape)):
@@ -870,3 +949,46 @@ def split_classes(source: ImageSource, held_out: float | int, *,
   held = np.sort(order[:count])
   kept = np.sort(order[count:])
   return source.select_classes(kept), source.select_classes(held)
+
+
+def split_images(source: ImageSource, fractions: Sequence[float], *, seed: int = 0, min_per_split: int = 2,
+                 root: str | os.PathLike | None = None, context: str = "split_images") -> list[ImageSource]:
+  """Splits every class's images: [rest, part_1, ..., part_k], each holding every class (closed-set).
+
+  Part j gets round(fractions[j] * n) of a class's n images, at least `min_per_split`; the rest keeps
+  the remainder, which must also be at least `min_per_split` (two images a class: a positive pair to
+  train on, or a support and a query image for an episode). Which images go where is a seeded draw
+  per class: same seed, same split. A class with too few images raises one UserError naming its
+  folder under `root` (or the class) and the count needed; `context` says what asked for the split.
+  """
+  fractions = [float(f) for f in fractions]
+  if not fractions or any(not 0.0 < f < 1.0 for f in fractions) or sum(fractions) >= 1.0:
+    raise UserError(f"{context}: fractions {fractions}: expected each in (0, 1) and a sum below 1")
+  counts = np.bincount(source.labels, minlength=source.num_classes)
+
+  def parts(n: np.ndarray) -> np.ndarray:
+    """[len(n), k] images each class gives to each held-out part."""
+    wanted = np.floor(np.multiply.outer(n, fractions) + 0.5).astype(np.int64)
+    return np.maximum(wanted, min_per_split)
+
+  held = parts(counts)
+  short = np.flatnonzero(counts - held.sum(axis=1) < min_per_split)
+  if len(short):
+    # The smallest class size that leaves enough in every part (the rest's share grows with n).
+    needed = next(n for n in range(1, 1 << 20) if n - parts(np.array([n]))[0].sum() >= min_per_split)
+    first = int(short[0])
+    name = source.class_names[first]
+    where = f"class folder {os.path.join(os.fspath(root), name)}" if root is not None else f"class {name!r}"
+    more = f" (and {len(short) - 1} more classes)" if len(short) > 1 else ""
+    raise UserError(f"{where}: {counts[first]} images{more}; {context} needs at least {needed} per class "
+                    f"({min_per_split} in each of the {len(fractions) + 1} splits)")
+  # Rank of each record within its class in a seeded random order, without a loop over records.
+  order = np.lexsort((np.random.default_rng(seed).random(len(source)), source.labels))
+  starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+  rank = np.empty(len(source), np.int64)
+  rank[order] = np.arange(len(source)) - starts[source.labels[order]]
+  # Ranks below the first boundary go to part 1, then part 2, ...; past the last one, to the rest.
+  boundaries = np.cumsum(held, axis=1)[source.labels]  # [N, k]
+  part = (rank[:, None] >= boundaries).sum(axis=1) + 1
+  part[part == len(fractions) + 1] = 0
+  return [source.subset(np.flatnonzero(part == j)) for j in range(len(fractions) + 1)]

@@ -4,12 +4,8 @@ Every model maps float32 images [N, H, W, C] in [0, 1] to `(embeddings [N, D], a
 cheap extras for metrics (`embedding_norm` [N]: the length before any L2 normalisation, which shows
 collapse or blow-up early). The registry is a plain dict chosen by `config.model.name`.
 
-BatchNorm and modes. Every BatchNorm is built with `axis_name="data"` (the data-parallel mesh axis,
-`parallel.AXIS`): in train mode its batch statistics are averaged over all devices, so 1 device and
-N devices compute the same thing. The flip side: train mode only runs where an axis "data" is bound
-(inside the `shard_map`/`pmap` step, or `jax.vmap(..., axis_name="data")`). Models are therefore
-*created in eval mode* (running averages), and the train step switches its merged copy with
-`model.train()`. `embed_fn` always runs in eval mode.
+BatchNorm and modes: see `layers` (models are created in eval mode; the train step calls
+`model.train()` on its merged copy). `embed_fn` always runs in eval mode.
 
 The functional pattern the train step uses (and the tests check):
 
@@ -31,115 +27,20 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from siamese_jax import augment
+from siamese_jax import augment, layers
+from siamese_jax.backbones import base, efficientnet, resnet, vgg
 from siamese_jax.errors import UserError
-
-# The mesh axis name of the data-parallel step (`parallel.AXIS`); BatchNorm averages statistics over it.
-# Spelled out here rather than imported so that models stay a leaf module.
-BATCH_AXIS = "data"
 
 
 # ----------------------------------------------------------------------------------------------------
 # Shared pieces
 
 
-def _l2_normalize(embeddings: jax.Array) -> jax.Array:
-  # rsqrt of a floored squared norm: unit length, and a finite gradient even for an all-zero vector.
-  return embeddings * jax.lax.rsqrt(jnp.maximum(jnp.sum(embeddings**2, axis=-1, keepdims=True), 1e-12))
-
-
 def _finish(embeddings: jax.Array, l2_normalize: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
   aux = {"embedding_norm": jnp.linalg.norm(embeddings, axis=-1)}
   if l2_normalize:
-    embeddings = _l2_normalize(embeddings)
+    embeddings = layers.l2_normalize(embeddings)
   return embeddings, aux
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _batch_norm_train(x, scale, bias, epsilon: float, axis_name: str):
-  """Train-mode batch norm over all axes but the last, statistics averaged over `axis_name`.
-
-  Returns (y, mean, var): nnx.BatchNorm's numbers (E[x^2] - E[x]^2 variance, floored at 0; gradients
-  equal to autodiff's within float rounding), with a hand-written backward pass whose per-channel sums
-  are matrix products (`_channel_sums`). Autodiff of nnx.BatchNorm instead emits several reductions over
-  the activations, which XLA:CPU runs far below memory speed, and BatchNorm is a large part of the conv4
-  step. The speed-up is measured by benchmarks/run.py (the conv4 train-step cases).
-  """
-  return _batch_norm_forward(x, scale, bias, epsilon, axis_name)[0]
-
-
-def _channel_sums(*arrays: jax.Array) -> list[jax.Array]:
-  # Sums over every axis but the last, each as a matrix product with a row of ones: on XLA:CPU that
-  # runs several times faster than the equivalent reduce (and than a fused multi-output reduce).
-  sums = []
-  for a in arrays:
-    rows = a.reshape(-1, a.shape[-1])
-    sums.append((jnp.ones((1, rows.shape[0]), rows.dtype) @ rows)[0])
-  return sums
-
-
-def _batch_norm_forward(x, scale, bias, epsilon, axis_name):
-  count = x.size // x.shape[-1]
-  sums = jax.lax.pmean(jnp.stack(_channel_sums(x, x * x)) / count, axis_name)
-  mean, mean_square = sums[0], sums[1]
-  var = jnp.maximum(0.0, mean_square - mean * mean)
-  inverse_std = jax.lax.rsqrt(var + epsilon)
-  multiplier = inverse_std * scale
-  y = x * multiplier + (bias - mean * multiplier)
-  return (y, mean, var), (x, mean, inverse_std, scale)
-
-
-def _batch_norm_backward(epsilon, axis_name, residuals, cotangents):
-  del epsilon
-  x, mean, inverse_std, scale = residuals
-  dy = cotangents[0]  # mean and var only feed the running averages, under stop_gradient
-  normalized = (x - mean) * inverse_std
-  # Local sums are this device's parameter gradients (the step sums gradients over devices itself);
-  # the input gradient needs the global ones, as the statistics were global.
-  dbias, dscale = _channel_sums(dy, dy * normalized)
-  global_count = jax.lax.psum(x.size // x.shape[-1], axis_name)
-  global_sums = jax.lax.psum(jnp.stack([dbias, dscale]), axis_name) / global_count
-  dx = (scale * inverse_std) * (dy - global_sums[0] - normalized * global_sums[1])
-  return dx, dscale, dbias
-
-
-_batch_norm_train.defvjp(_batch_norm_forward, _batch_norm_backward)
-
-
-class BatchNorm(nnx.BatchNorm):
-  """nnx.BatchNorm (same parameters, statistics and numbers) with a faster train-mode gradient."""
-
-  def __call__(self, x: jax.Array, use_running_average: bool | None = None, *, mask=None) -> jax.Array:
-    use_running_average = self.use_running_average if use_running_average is None else use_running_average
-    # The fast path covers how this module builds BatchNorm; anything else takes nnx's own code.
-    if (use_running_average or mask is not None or self.axis != -1 or self.scale is None or self.bias is None
-        or x.dtype != jnp.float32 or self.axis_name is None or self.axis_index_groups is not None):
-      return super().__call__(x, use_running_average, mask=mask)
-    y, mean, var = _batch_norm_train(x, self.scale[...], self.bias[...], self.epsilon, self.axis_name)
-    momentum = self.momentum
-    self.mean[...] = jax.lax.stop_gradient(momentum * self.mean[...] + (1 - momentum) * mean)
-    self.var[...] = jax.lax.stop_gradient(momentum * self.var[...] + (1 - momentum) * var)
-    return y
-
-
-def _batch_norm(num_features: int, momentum: float, rngs: nnx.Rngs) -> nnx.BatchNorm:
-  return BatchNorm(
-    num_features, momentum=momentum, axis_name=BATCH_AXIS, use_running_average=True, rngs=rngs
-  )
-
-
-def _max_pool_2(x: jax.Array) -> jax.Array:
-  """2x2 max-pool, stride 2, VALID: odd sizes are floored (7 -> 3), as in the ProtoNet and Koch papers.
-
-  Written as a reshape and a max rather than `nnx.max_pool` (reduce_window): same forward values, but
-  XLA:CPU computes the gradient of reduce_window (select-and-scatter) several times slower than that of
-  a max, and pooling is a large part of the backward pass of both networks. Ties in a window share the
-  gradient instead of giving it to one element; both are valid subgradients.
-  """
-  batch, height, width, channels = x.shape
-  height, width = height // 2, width // 2
-  x = x[:, : 2 * height, : 2 * width]
-  return jnp.max(x.reshape(batch, height, 2, width, 2, channels), axis=(2, 4))
 
 
 class PairHead(nnx.Module):
@@ -218,7 +119,7 @@ class KochNet(PairHead):
     for conv, (_, _, pool) in zip(self.convs, self.CONVS):
       x = nnx.relu(conv(x))
       if pool:
-        x = _max_pool_2(x)
+        x = layers.max_pool_2(x)
     x = x.reshape((x.shape[0], -1))
     return _finish(nnx.sigmoid(self.dense(x)), self.l2_normalize)
 
@@ -255,7 +156,7 @@ class Conv4(PairHead):
     in_channels = channels
     for _ in range(num_blocks):
       convs.append(nnx.Conv(in_channels, block_width, (3, 3), padding="SAME", rngs=rngs))
-      norms.append(_batch_norm(block_width, config.batch_norm_momentum, rngs))
+      norms.append(layers.batch_norm(block_width, config.batch_norm_momentum, rngs))
       in_channels = block_width
       height, width = height // 2, width // 2
     self.convs = nnx.List(convs)
@@ -269,7 +170,7 @@ class Conv4(PairHead):
   def __call__(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     x = augment.to_float(images)
     for conv, norm in zip(self.convs, self.norms):
-      x = _max_pool_2(nnx.relu(norm(conv(x))))
+      x = layers.max_pool_2(nnx.relu(norm(conv(x))))
     x = x.reshape((x.shape[0], -1))
     if self.projection is not None:
       x = self.projection(x)
@@ -286,13 +187,13 @@ class BasicBlock(nnx.Module):
   def __init__(self, in_channels: int, out_channels: int, stride: int, momentum: float, rngs: nnx.Rngs):
     self.conv1 = nnx.Conv(in_channels, out_channels, (3, 3), strides=stride, padding="SAME", use_bias=False,
                           rngs=rngs)
-    self.norm1 = _batch_norm(out_channels, momentum, rngs)
+    self.norm1 = layers.batch_norm(out_channels, momentum, rngs)
     self.conv2 = nnx.Conv(out_channels, out_channels, (3, 3), padding="SAME", use_bias=False, rngs=rngs)
-    self.norm2 = _batch_norm(out_channels, momentum, rngs)
+    self.norm2 = layers.batch_norm(out_channels, momentum, rngs)
     if stride != 1 or in_channels != out_channels:
       self.shortcut_conv = nnx.Conv(in_channels, out_channels, (1, 1), strides=stride, use_bias=False,
                                     rngs=rngs)
-      self.shortcut_norm = _batch_norm(out_channels, momentum, rngs)
+      self.shortcut_norm = layers.batch_norm(out_channels, momentum, rngs)
     else:
       self.shortcut_conv = None
       self.shortcut_norm = None
@@ -331,7 +232,7 @@ class ResNet(PairHead):
     self.l2_normalize = bool(config.l2_normalize)
     # A 3x3 stride-1 stem: inputs here are small (28..105 px), so no early 7x7/stride-4 downsampling.
     self.stem_conv = nnx.Conv(image_shape[2], widths[0], (3, 3), padding="SAME", use_bias=False, rngs=rngs)
-    self.stem_norm = _batch_norm(widths[0], momentum, rngs)
+    self.stem_norm = layers.batch_norm(widths[0], momentum, rngs)
     blocks = []
     in_channels = widths[0]
     for stage, stage_width in enumerate(widths):
@@ -353,17 +254,119 @@ class ResNet(PairHead):
 
 
 # ----------------------------------------------------------------------------------------------------
+# pretrained: an ImageNet backbone (backbones/) under an embedding head
+
+
+# model.name -> the backbone's constructor (keyword arguments: num_classes, layout, preprocessing, momentum,
+# rngs) and the preprocessing its usual weights expect in each layout (model.preprocessing="auto").
+BACKBONES: dict[str, tuple[Callable[..., base.Backbone], dict[str, str]]] = {
+  "resnet18": (functools.partial(resnet.ResNet, 18), {"torch": "imagenet"}),
+  "resnet34": (functools.partial(resnet.ResNet, 34), {"torch": "imagenet"}),
+  "resnet50": (functools.partial(resnet.ResNet, 50), {"torch": "imagenet", "keras": "caffe"}),
+  "vgg16": (vgg.VGG16, {"torch": "imagenet", "keras": "caffe"}),
+  "efficientnet_lite0": (efficientnet.EfficientNetLite0, {"torch": "inception", "timm": "imagenet"}),
+}
+
+
+class Pretrained(PairHead):
+  """A backbone (ResNet-18/34/50, VGG16, EfficientNet-Lite0), global pooling, optional projection to D.
+
+  Grayscale input (1 channel) is repeated to RGB inside the network. The backbone's preprocessing runs
+  inside too (`backbones.base.preprocess`), so callers pass [0, 1] pixels like every other model.
+  Weights come from `model.pretrained` (see `load_pretrained`); `freeze_until` keeps the BatchNorms of the
+  named stage and those before it in inference mode, and `parameter_labels` tells the optimizer which
+  parameters are frozen, pretrained or new.
+  """
+
+  @staticmethod
+  def default_config(name: str = "efficientnet_lite0") -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.name = name  # resnet18 | resnet34 | resnet50 | vgg16 | efficientnet_lite0
+    config.pretrained = ""  # weights file: safetensors, PyTorch .pth/.pt or Keras .h5; "" = random init
+    config.weights_layout = "torch"  # torch (torchvision, timm, PyTorch ports) | timm (efficientnet_lite0) | keras
+    config.preprocessing = "auto"  # auto (what the layout's weights expect) | imagenet | caffe | inception
+    config.freeze_until = ""  # "" = train all; a stage name (e.g. layer3, stage5) or "all": frozen up to it
+    config.pooling = "avg"  # avg | max: global pooling of the last feature map
+    config.embedding_dim = 128  # linear projection of the pooled features; 0 = the pooled features
+    config.l2_normalize = True  # scale embeddings to unit length
+    config.batch_norm_momentum = 0.9  # running-statistics decay of the backbone's trainable BatchNorms
+    config.pair_head = False  # add Koch et al.'s weighted-L1 pair head (needed by loss koch_bce)
+    return config
+
+  def __init__(self, config: ml_collections.ConfigDict, *, image_shape: tuple[int, int, int], rngs: nnx.Rngs):
+    height, width, channels = image_shape
+    factory, usual = BACKBONES[config.name]
+    layout = config.weights_layout
+    if layout not in usual:
+      raise UserError(f"model.weights_layout={layout!r}: model.name={config.name!r} takes {sorted(usual)}")
+    preprocessing = usual[layout] if config.preprocessing == "auto" else config.preprocessing
+    if config.pooling not in ("avg", "max"):
+      raise UserError(f"model.pooling={config.pooling!r}: expected 'avg' or 'max'")
+    embedding_dim = _require_int("embedding_dim", config.embedding_dim, 0)
+    self.backbone = factory(num_classes=0, layout=layout, preprocessing=preprocessing,
+                            momentum=config.batch_norm_momentum, rngs=rngs)
+    base.freeze(self.backbone, config.freeze_until)
+    self.frozen_stages = base.frozen_stages(self.backbone, config.freeze_until)
+    out = jax.eval_shape(self.backbone.features, jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32))
+    if min(out.shape[1:3]) < 1:
+      raise UserError(f"model.name={config.name!r}: images of {height}x{width} are too small for its "
+                      "downsampling; raise data.image_size")
+    self.gray = channels == 1
+    self.pooling = config.pooling
+    self.l2_normalize = bool(config.l2_normalize)
+    features = self.backbone.num_features
+    self.projection = nnx.Linear(features, embedding_dim, rngs=rngs) if embedding_dim else None
+    self.head = _pair_head(config, embedding_dim or features, rngs)
+
+  def __call__(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    x = augment.to_float(images)
+    if self.gray:
+      x = jnp.repeat(x, 3, axis=-1)
+    x = self.backbone.features(x)
+    x = jnp.mean(x, axis=(1, 2)) if self.pooling == "avg" else jnp.max(x, axis=(1, 2))
+    if self.projection is not None:
+      x = self.projection(x)
+    return _finish(x, self.l2_normalize)
+
+
+def load_pretrained(model: nnx.Module, model_config: Mapping[str, Any] | ml_collections.ConfigDict) -> bool:
+  """Fills `model`'s backbone from `model.pretrained` when the config names a file; True if it did."""
+  path = dict(model_config.items()).get("pretrained", "")
+  if not path:
+    return False
+  base.load_file(model.backbone, path)
+  return True
+
+
+def parameter_labels(model: nnx.Module) -> nnx.State | None:
+  """For a Pretrained model: each parameter's part, "frozen" (a frozen stage), "backbone" (other
+  pretrained parameters) or "head" (new layers), in the layout of `nnx.split(model, nnx.Param, ...)[1]`;
+  None for the other models (one part)."""
+  if not isinstance(model, Pretrained):
+    return None
+
+  def label(key_path, _) -> str:
+    path = [getattr(key, "key", None) for key in key_path[:2]]
+    if path[0] != "backbone":
+      return "head"
+    return "frozen" if path[1] in model.frozen_stages else "backbone"
+
+  return jax.tree_util.tree_map_with_path(label, nnx.split(model, nnx.Param, ...)[1])
+
+
+# ----------------------------------------------------------------------------------------------------
 # Registry, creation, and the functions evaluation sees
 
 
-MODELS: dict[str, type[nnx.Module]] = {"koch": KochNet, "conv4": Conv4, "resnet": ResNet}
+MODELS: dict[str, type[nnx.Module]] = {"koch": KochNet, "conv4": Conv4, "resnet": ResNet,
+                                       **{name: Pretrained for name in BACKBONES}}
 
 
 def default_config(name: str) -> ml_collections.ConfigDict:
   """The full config of model `name`, every field with its default."""
   if name not in MODELS:
     raise UserError(f"model.name='{name}' is not a known model; choose one of {sorted(MODELS)}")
-  return MODELS[name].default_config()
+  return MODELS[name].default_config(name) if MODELS[name] is Pretrained else MODELS[name].default_config()
 
 
 def _resolved_config(model_config: Mapping[str, Any] | ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -398,7 +401,7 @@ def create(
   image_shape = tuple(image_shape)
   if len(image_shape) != 3 or not all(isinstance(d, int) and d > 0 for d in image_shape):
     raise UserError(f"image_shape: expected (height, width, channels) of positive ints, got {image_shape}")
-  minimum_dim = 0 if config.name == "conv4" else 1
+  minimum_dim = 0 if config.name == "conv4" or config.name in BACKBONES else 1
   _require_int("embedding_dim", config.embedding_dim, minimum_dim)
   return MODELS[config.name](config, image_shape=image_shape, rngs=rngs)
 
@@ -473,10 +476,10 @@ def make_pair_logits_fn(graphdef: nnx.GraphDef) -> Callable[[Any, jax.Array, jax
 
 
 __all__ = [
-  "BATCH_AXIS",
+  "BACKBONES",
   "MODELS",
+  "Pretrained",
   "BasicBlock",
-  "BatchNorm",
   "Conv4",
   "KochNet",
   "PairHead",
@@ -484,7 +487,9 @@ __all__ = [
   "create",
   "default_config",
   "has_pair_head",
+  "load_pretrained",
   "make_embed_fn",
   "make_pair_logits_fn",
   "parameter_count",
+  "parameter_labels",
 ]

@@ -11,8 +11,9 @@ The chain, in order, and why in this order:
 """
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
@@ -42,6 +43,10 @@ def default_config() -> ml_collections.ConfigDict:
   config.scale_lr_by_batch = False  # multiply learning_rate by global_batch_size / base_batch_size
   config.base_batch_size = 128  # the batch size learning_rate was tuned for (Koch et al. used 128)
   config.clip_grad_norm = 0.0  # clip the gradient's global L2 norm to this value; 0 = no clipping
+  # Pretrained backbones (models.Pretrained) only:
+  config.backbone_learning_rate = -1.0  # peak lr of the pretrained backbone's trainable part; -1 = learning_rate
+  config.backbone_warmup_steps = -1  # its linear warm-up; -1 = warmup_steps
+  config.unfreeze_after_steps = 0  # frozen stages (model.freeze_until) train from this step on; 0 = never
   return config
 
 
@@ -79,7 +84,11 @@ def _validate(fields: dict[str, Any], steps_per_epoch: int, global_batch_size: i
   _require(isinstance(fields["nesterov"], bool), "nesterov", fields["nesterov"], "True or False")
   if fields["name"] == "sgd" and fields["nesterov"]:
     _require(momentum > 0, "nesterov", True, "False when optimizer.momentum is 0 (nothing to look ahead with)")
-  for field, lowest in (("warmup_steps", 0), ("total_steps", -1)):
+  backbone_lr = fields["backbone_learning_rate"]
+  _require(_is_number(backbone_lr) and (backbone_lr > 0 or backbone_lr == -1), "backbone_learning_rate",
+           backbone_lr, "a number > 0, or -1 (= learning_rate)")
+  for field, lowest in (("warmup_steps", 0), ("total_steps", -1), ("backbone_warmup_steps", -1),
+                        ("unfreeze_after_steps", 0)):
     value = fields[field]
     _require(isinstance(value, int) and not isinstance(value, bool) and value >= lowest, field, value,
              f"an integer >= {lowest}")
@@ -138,24 +147,67 @@ def _schedule(fields: dict[str, Any], peak: float, steps_per_epoch: int) -> Sche
 
 
 def create_optimizer(config: ml_collections.ConfigDict | Mapping[str, Any], *, steps_per_epoch: int,
-                     global_batch_size: int) -> tuple[optax.GradientTransformation, Schedule]:
-  """The optax transformation and its schedule (step -> learning rate, for logging).
+                     global_batch_size: int, labels: Any = None) -> tuple[optax.GradientTransformation, Schedule]:
+  """The optax transformation and its schedule (step -> learning rate of the new layers, for logging).
 
   `config` is the optimizer sub-config (fields of `default_config()`; missing fields take the
   defaults). `steps_per_epoch` turns epoch-based fields into steps; `global_batch_size` (batch rows
   over all devices) drives `scale_lr_by_batch`.
+
+  `labels` (`models.parameter_labels`: a pytree like the parameters, leaves "head", "backbone" or
+  "frozen") splits the parameters into parts with `optax.multi_transform`, after one global gradient
+  clip: "head" takes learning_rate and warmup_steps; "backbone" takes backbone_learning_rate and
+  backbone_warmup_steps; "frozen" is never updated, or, with unfreeze_after_steps=N, is updated like the
+  backbone from step N on (its gradients are zeroed before N, and its warm-up starts at N).
   """
   fields = _fields(config)
   _validate(fields, steps_per_epoch, global_batch_size)
-  peak = float(fields["learning_rate"])
-  if fields["scale_lr_by_batch"]:
-    # Linear scaling rule (Goyal et al. 2017): same lr per example when the batch grows.
-    peak *= global_batch_size / fields["base_batch_size"]
+  scale = global_batch_size / fields["base_batch_size"] if fields["scale_lr_by_batch"] else 1.0
+  # Linear scaling rule (Goyal et al. 2017): same lr per example when the batch grows.
+  peak = float(fields["learning_rate"]) * scale
   schedule = _schedule(fields, peak, steps_per_epoch)
+  clip = [optax.clip_by_global_norm(fields["clip_grad_norm"])] if fields["clip_grad_norm"] > 0 else []
+  if labels is None:
+    return optax.chain(*clip, *_update_rule(fields, schedule)), schedule
 
+  backbone_fields = dict(fields)
+  if fields["backbone_warmup_steps"] >= 0:
+    backbone_fields["warmup_steps"] = fields["backbone_warmup_steps"]
+  backbone_peak = peak if fields["backbone_learning_rate"] == -1 else float(fields["backbone_learning_rate"]) * scale
+  backbone_schedule = _schedule(backbone_fields, backbone_peak, steps_per_epoch)
+  start = fields["unfreeze_after_steps"]
+  frozen = (_start_at(start, optax.chain(*_update_rule(fields, backbone_schedule))) if start
+            else optax.set_to_zero())
+  parts = {"head": optax.chain(*_update_rule(fields, schedule)),
+           "backbone": optax.chain(*_update_rule(fields, backbone_schedule)), "frozen": frozen}
+  return optax.chain(*clip, optax.multi_transform(parts, labels)), schedule
+
+
+class _StartAtState(NamedTuple):
+  count: jax.Array  # steps seen, including those before the start
+  inner: Any
+
+
+def _start_at(start: int, inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`inner` as if created at step `start`: zero updates before it, and its state (moments, its own step
+  count and so its schedule) held at init until then. A select, not a branch: one program for every step."""
+
+  def init(params):
+    return _StartAtState(count=jnp.zeros([], jnp.int32), inner=inner.init(params))
+
+  def update(updates, state, params=None):
+    new_updates, new_inner = inner.update(updates, state.inner, params)
+    started = state.count >= start
+    new_updates = jax.tree.map(lambda u: jnp.where(started, u, jnp.zeros_like(u)), new_updates)
+    new_inner = jax.tree.map(lambda new, old: jnp.where(started, new, old), new_inner, state.inner)
+    return new_updates, _StartAtState(count=optax.safe_int32_increment(state.count), inner=new_inner)
+
+  return optax.GradientTransformation(init, update)
+
+
+def _update_rule(fields: dict[str, Any], schedule: Schedule) -> list[optax.GradientTransformation]:
+  """Weight decay (sgd/adam) and the optimizer itself, following `schedule`."""
   parts = []
-  if fields["clip_grad_norm"] > 0:
-    parts.append(optax.clip_by_global_norm(fields["clip_grad_norm"]))
   name, weight_decay, nesterov = fields["name"], float(fields["weight_decay"]), fields["nesterov"]
   if name in ("sgd", "adam") and weight_decay > 0:
     parts.append(optax.add_decayed_weights(weight_decay))
@@ -167,4 +219,4 @@ def create_optimizer(config: ml_collections.ConfigDict | Mapping[str, Any], *, s
     parts.append(optax.adam(schedule, nesterov=nesterov))
   else:
     parts.append(optax.adamw(schedule, weight_decay=weight_decay, nesterov=nesterov))
-  return optax.chain(*parts), schedule
+  return parts

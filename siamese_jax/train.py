@@ -53,7 +53,7 @@ class TrainState:
 def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTransformation,
                schedule: Callable, loss_fn: Callable, loss_options: dict, augment_config,
                seed: int, loss_uses_pair_head: bool = False,
-               skip_nonfinite_updates: bool = False) -> tuple[TrainState, dict]:
+               skip_nonfinite_updates: bool = False, frozen: Any = None) -> tuple[TrainState, dict]:
   """One optimizer step, written per device with collectives over `AXIS` (see parallel.py).
 
   Each example's distortion key is fold_in(step key, its index in the *global* batch), and embeddings
@@ -64,6 +64,10 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTr
   `metrics["finite"]` says whether the loss and gradient were finite; it stays on the device (the loop
   checks it at its periodic fetch). With `skip_nonfinite_updates` a non-finite step leaves parameters,
   batch statistics and optimizer state as they were (the step counter and the data still move on).
+
+  `frozen` (a pytree of bools like the parameters, or None) marks parameters that never train: the loss
+  sees them through stop_gradient, so XLA drops their gradient computation (a frozen backbone costs a
+  forward pass only).
   """
   num_devices = jax.lax.axis_size(AXIS)
   local_batch = batch["labels"].shape[0]
@@ -73,6 +77,8 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTr
   labels = jax.lax.all_gather(batch["labels"], AXIS, tiled=True)
 
   def loss_of(params):
+    if frozen is not None:
+      params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
     model = nnx.merge(graphdef, params, state.model_state, copy=True)
     model.train()
     embeddings, _ = model(images.reshape((-1,) + images.shape[2:]))
@@ -127,6 +133,7 @@ class Setup:
   # `models.make_pair_probability_fn` for a model with a pair head (it is scored by it), else None;
   # built once, so validating every eval_every steps reuses one compiled head.
   pair_probability: Callable | None = None
+  frozen: Any = None  # `train_step`'s frozen: parameters that never train (a frozen pretrained stage), or None
 
   def scorer(self, state: TrainState) -> scoring.Scorer:
     """How the model in `state` scores a pair: its pair head's probability where it has one, else the
@@ -154,6 +161,11 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
       classes_per_group=config.sampling.classes_per_group)
   losses.check_batch_kind(config.loss.name, loss_options, sampler.kind)
   model = models.create(config.model, image_shape=train_source.image_shape, rngs=nnx.Rngs(config.seed))
+  if models.load_pretrained(model, config.model):
+    print(f"Backbone weights from {config.model.pretrained}", flush=True)
+  if isinstance(model, models.Pretrained) and model.gray:
+    print(f"note: the data is grayscale (data.channels=1); model.name='{config.model.name}' "
+          "repeats it to RGB for its pretrained filters", flush=True)
   loss_uses_pair_head = losses.needs_pair_head(config.loss.name)
   if loss_uses_pair_head and not models.has_pair_head(model):
     raise UserError(f"loss.name='{config.loss.name}' scores pairs with Koch's weighted-L1 head, which "
@@ -171,14 +183,19 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
       raise UserError(f"train.num_steps={config.train.num_steps} must exceed optim.warmup_steps="
                       f"{optim_config.warmup_steps} for the cosine schedule.")
     optim_config.total_steps = config.train.num_steps
+  labels = models.parameter_labels(model)
   tx, schedule = optim.create_optimizer(optim_config, steps_per_epoch=steps_per_epoch,
-                                        global_batch_size=config.sampling.batch_size)
+                                        global_batch_size=config.sampling.batch_size, labels=labels)
+  frozen = None
+  if labels is not None and not optim_config.get("unfreeze_after_steps", 0):
+    frozen = jax.tree.map(lambda label: label == "frozen", labels)
+    frozen = frozen if any(jax.tree.leaves(frozen)) else None
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                      opt_state=tx.init(params))
   pair_probability = (models.make_pair_probability_fn(models.make_pair_logits_fn(graphdef))
                       if models.has_pair_head(model) else None)
   return Setup(splits, parallel, graphdef, state, tx, schedule, sampler, loss_fn, loss_options,
-               loss_uses_pair_head, pair_probability)
+               loss_uses_pair_head, pair_probability, frozen)
 
 
 def bind_train_step(built: Setup, config: ml_collections.ConfigDict) -> Callable:
@@ -187,7 +204,8 @@ def bind_train_step(built: Setup, config: ml_collections.ConfigDict) -> Callable
   return functools.partial(
       train_step, graphdef=built.graphdef, tx=built.tx, schedule=built.schedule, loss_fn=built.loss_fn,
       loss_options=built.loss_options, augment_config=config.augment, seed=config.seed,
-      loss_uses_pair_head=built.loss_uses_pair_head, skip_nonfinite_updates=config.train.skip_nonfinite_updates)
+      loss_uses_pair_head=built.loss_uses_pair_head, skip_nonfinite_updates=config.train.skip_nonfinite_updates,
+      frozen=built.frozen)
 
 
 def variables_of(state: TrainState):

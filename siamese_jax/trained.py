@@ -38,7 +38,7 @@ from PIL import Image
 
 from siamese_jax import models
 from siamese_jax.checkpoint import restore_variables, select_checkpoint
-from siamese_jax.data import sources
+from siamese_jax.data import pipeline, sources
 from siamese_jax.errors import UserError
 from siamese_jax.metrics import embedding, scoring
 from siamese_jax.workdir import CONFIG_FILENAME, ENSEMBLE_FILENAME, config_hash, read_config
@@ -94,7 +94,7 @@ class TrainedModel:
       images = prepare_images(images, self.image_shape)
     elif tuple(images.image_shape) != self.image_shape:
       raise UserError(f"images of shape {tuple(images.image_shape)}; this model takes {self.image_shape} "
-                      f"(data.image_size={self.image_shape[0]}, data.channels={self.image_shape[2]}): load "
+                      f"(data.image_size={self.image_shape[:2]}, data.channels={self.image_shape[2]}): load "
                       "the source with that image_shape.")
     return embedding.embed_images(self.embed_fn, self.variables, images, batch_size, progress)
 
@@ -128,7 +128,7 @@ def load_trained_model(workdir: str | os.PathLike | None = None, *, checkpoint: 
   for field in ("data", "model", "eval"):
     if field not in config:
       raise UserError(f"the config has no '{field}' section; is it a siamese_jax training config?")
-  image_shape = (int(config.data.image_size), int(config.data.image_size), int(config.data.channels))
+  image_shape = pipeline.image_shape(config.data)
   model = models.create(config.model, image_shape=image_shape, rngs=nnx.Rngs(int(config.get("seed", 0))))
   graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
   params, model_state = restore_variables(step_dir, params, model_state)

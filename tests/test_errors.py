@@ -224,7 +224,7 @@ def test_unknown_loss_name_lists_valid_losses(good_folder):
 def test_unknown_model_name_lists_valid_models(good_folder):
   config = folder_smoke(good_folder)
   config.model = ml_collections.ConfigDict({"name": "vgg"})
-  assert "model.name='vgg' is not a known model; choose one of ['conv4', 'koch', 'resnet']" in setup_error(config)
+  assert "model.name='vgg' is not a known model; choose one of ['conv4', 'efficientnet_lite0', 'koch', 'resnet', 'resnet18', 'resnet34', 'resnet50', 'vgg16']" in setup_error(config)
 
 
 def test_unknown_optimizer_name_lists_valid_optimizers(good_folder):

@@ -21,7 +21,8 @@ PACKAGE = "siamese_jax"
 # listed here makes test_every_module_has_a_floor fail: place it where its imports put it.
 FLOORS = (
     ("siamese_jax", "siamese_jax.errors", "siamese_jax.workdir"),
-    ("siamese_jax.data", "siamese_jax.data.*", "siamese_jax.augment", "siamese_jax.models", "siamese_jax.weights",
+    ("siamese_jax.data", "siamese_jax.data.*", "siamese_jax.augment", "siamese_jax.layers",
+     "siamese_jax.backbones", "siamese_jax.backbones.*", "siamese_jax.models", "siamese_jax.weights",
      "siamese_jax.losses", "siamese_jax.optim", "siamese_jax.parallel", "siamese_jax.distributed",
      "siamese_jax.writers", "siamese_jax.checkpoint", "siamese_jax.metrics", "siamese_jax.metrics.*"),
     ("siamese_jax.trained", "siamese_jax.one_shot"),

@@ -117,7 +117,7 @@ def test_l2_normalize_gives_unit_norms(name):
 
 
 def test_unknown_model_name_lists_the_valid_ones():
-  with pytest.raises(UserError, match=r"model.name='vgg'.*\['conv4', 'koch', 'resnet'\]"):
+  with pytest.raises(UserError, match=r"model.name='vgg'.*\['conv4', 'efficientnet_lite0', 'koch', 'resnet', 'resnet18'"):
     make({"name": "vgg"}, (28, 28, 1))
   with pytest.raises(UserError, match="model.name is missing"):
     make({"width": 3}, (28, 28, 1))

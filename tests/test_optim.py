@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from siamese_jax import optim
@@ -148,7 +149,8 @@ def test_default_config_builds_every_optimizer():
   assert set(config.keys()) == {
       "name", "learning_rate", "momentum", "nesterov", "weight_decay", "schedule", "warmup_steps",
       "boundaries_epochs", "decay_factor", "decay_per_epoch", "total_steps", "scale_lr_by_batch",
-      "base_batch_size", "clip_grad_norm"}
+      "base_batch_size", "clip_grad_norm", "backbone_learning_rate", "backbone_warmup_steps",
+      "unfreeze_after_steps"}
   for name in optim.OPTIMIZERS:
     tx, schedule = make(name=name)
     assert one_update(tx, [1.0], [1.0]).shape == (1,)
@@ -178,7 +180,7 @@ def test_bad_fields_raise_user_error(fields, match):
 def test_unknown_field_is_a_typo():
   config = optim.default_config()
   config.learning_rte = 0.1  # an unlocked ConfigDict accepts the typo; create_optimizer must not
-  with pytest.raises(UserError, match="no field 'learning_rte'; valid fields: base_batch_size, "):
+  with pytest.raises(UserError, match="no field 'learning_rte'; valid fields: backbone_learning_rate, "):
     optim.create_optimizer(config, steps_per_epoch=10, global_batch_size=8)
 
 
@@ -187,3 +189,35 @@ def test_plain_dict_with_missing_fields_takes_defaults():
                                         global_batch_size=8)
   assert lr_at(schedule, 0, 100) == pytest.approx([0.5, 0.5])
   assert run_updates(tx, [1.0, 1.0]) == pytest.approx([-0.5, -0.95])  # default momentum 0.9
+
+
+def test_parts_take_their_own_learning_rates_and_frozen_parts_start_late():
+  # Adam's first update of each parameter is -lr * sign(g) (bias-corrected m / sqrt(v) = g / |g|), so after
+  # k steps with a constant gradient each part has moved by -sum of its learning rates: exact numbers.
+  params = {"head": jnp.zeros(2), "backbone": jnp.zeros(2), "frozen": jnp.zeros(2)}
+  labels = {"head": "head", "backbone": "backbone", "frozen": "frozen"}
+  grads = jax.tree.map(jnp.ones_like, params)
+  config = {"name": "adam", "learning_rate": 1e-2, "backbone_learning_rate": 1e-3, "backbone_warmup_steps": 2,
+            "unfreeze_after_steps": 3}
+  tx, _ = optim.create_optimizer(config, steps_per_epoch=10, global_batch_size=8, labels=labels)
+  state = tx.init(params)
+  moved = []
+  for _ in range(6):
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    moved.append({k: float(-v[0]) for k, v in params.items()})
+  # head: 1e-2 every step; backbone: warm-up 0, 0.5e-3, then 1e-3; frozen: nothing before step 3, then the
+  # backbone's warm-up from there (0 at step 3, 0.5e-3 at 4, 1e-3 at 5), with fresh Adam moments.
+  np.testing.assert_allclose([m["head"] for m in moved], 1e-2 * np.arange(1, 7), rtol=1e-4)
+  np.testing.assert_allclose([m["backbone"] for m in moved], [0, 5e-4, 1.5e-3, 2.5e-3, 3.5e-3, 4.5e-3],
+                             rtol=1e-3, atol=1e-7)
+  np.testing.assert_allclose([m["frozen"] for m in moved], [0, 0, 0, 0, 5e-4, 1.5e-3], rtol=1e-3, atol=1e-7)
+
+
+def test_frozen_parts_never_move_without_unfreeze():
+  params = {"a": jnp.ones(3), "b": jnp.ones(3)}
+  tx, _ = optim.create_optimizer({"name": "sgd", "learning_rate": 0.1}, steps_per_epoch=1, global_batch_size=1,
+                                 labels={"a": "frozen", "b": "head"})
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+  np.testing.assert_array_equal(updates["a"], 0.0)
+  np.testing.assert_allclose(updates["b"], -0.1)

@@ -7,7 +7,6 @@ evaluation run, and returns a flat dict of numbers that `run.py` prints and writ
 
 from __future__ import annotations
 
-import functools
 import gc
 import importlib
 import os
@@ -86,13 +85,7 @@ def make_sampler(config: ml_collections.ConfigDict, source) -> sampling.Sampler:
 
 def make_step(built: train.Setup, config: ml_collections.ConfigDict):
   """The jitted, data-parallel step exactly as `train.train_and_evaluate` wraps it (state donated)."""
-  options = {"loss_uses_pair_head": built.loss_uses_pair_head}  # Koch's loss gets the model's pair head
-  if "skip_nonfinite_updates" in config.train:  # newer train_step: the same select the loop compiles
-    options["skip_nonfinite_updates"] = config.train.skip_nonfinite_updates
-  return built.parallel.wrap_step(functools.partial(
-      train.train_step, graphdef=built.graphdef, tx=built.tx, schedule=built.schedule,
-      loss_fn=built.loss_fn, loss_options=built.loss_options, augment_config=config.augment,
-      seed=config.seed, **options))
+  return built.parallel.wrap_step(train.bind_train_step(built, config))
 
 
 class CompiledStep:
@@ -353,3 +346,34 @@ def evaluation_cases(label: str, config: ml_collections.ConfigDict, *, warmup: i
   del built
   gc.collect()
   return cases
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pretrained backbones
+
+
+def backbone_cases(name: str, config: ml_collections.ConfigDict, *, warmup: int, repeats: int, steps: int,
+                   embed_images: int, peak_gflops: float) -> list[dict[str, Any]]:
+  """One backbone (configs/folder_pretrained.py with model.name=`name`, random weights: speed does not
+  depend on them): the fine-tuning step (nothing frozen) and the frozen-features step, then embedding."""
+  rows = []
+  for freeze in ("", "all"):
+    config.model.freeze_until = freeze
+    label = f"{name} {config.data.image_size}px, {'frozen features' if freeze else 'fine-tune all'}"
+    row = train_step_case(label, config, warmup=warmup, repeats=repeats, steps_per_repeat=steps,
+                          peak_gflops=peak_gflops)
+    rows.append(row)
+  built = train.setup(config)
+  embed_fn = models.make_embed_fn(built.graphdef)
+  variables = train.variables_of(jax.device_put(built.state))
+  images = pipeline.all_images(built.splits.test)[:embed_images]
+  embed = lambda: embedding.embed_images(embed_fn, variables, images, config.eval.batch_size)  # noqa: E731
+  timing = common.time_repeated(embed, warmup=warmup, repeats=repeats)
+  flops = common.compiled_flops(jax.jit(embed_fn).lower(variables, images[:config.eval.batch_size]).compile())
+  row = {"case": f"{name} {config.data.image_size}px, embed", "model": name, "images": len(images),
+         **timing.as_dict(), "images_per_s": len(images) / timing.median}
+  if flops is not None:
+    row["gflops_per_s"] = flops / 1e9 * len(images) / config.eval.batch_size / timing.median
+    row["pct_of_peak"] = 100.0 * row["gflops_per_s"] / peak_gflops
+  rows.append(row)
+  return rows

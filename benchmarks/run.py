@@ -38,12 +38,13 @@ SUITES = {
     "quick": dict(matmul_warmup=2, matmul_repeats=5, warmup=1, repeats=3, conv_steps=4, koch_steps=1,
                   loader_warmup=32, loader_seconds=0.3, loader_workers=(0, 1, 2), lazy_workers=(0, 2),
                   koch_loader=((True, 0), (False, 0)), fed_workers=(0,), fed_steps=6, fed_repeats=5,
-                  eval_repeats=3, koch_embed=False, scaling_steps=3, scaling_repeats=3),
+                  eval_repeats=3, koch_embed=False, scaling_steps=3, scaling_repeats=3, backbone_size=64,
+                  backbone_steps=1, backbone_embed=128),
     "full": dict(matmul_warmup=3, matmul_repeats=10, warmup=2, repeats=7, conv_steps=20, koch_steps=2,
                  loader_warmup=64, loader_seconds=1.5, loader_workers=(0, 1, 2), lazy_workers=(0, 1, 2),
                  koch_loader=tuple((m, w) for m in (True, False) for w in (0, 1, 2)), fed_workers=(0, 1),
                  fed_steps=20, fed_repeats=7, eval_repeats=7, koch_embed=True, scaling_steps=10,
-                 scaling_repeats=5),
+                 scaling_repeats=5, backbone_size=128, backbone_steps=2, backbone_embed=512),
 }
 
 # Train-step cases: (label, config module, overrides). The third is the conv4 target's case (128 triplets,
@@ -57,11 +58,15 @@ TRAIN_CASES = (
 )
 
 
+# Pretrained backbones (configs/folder_pretrained.py on synthetic RGB data, random weights): model names.
+BACKBONES = ("resnet18", "resnet34", "resnet50", "vgg16", "efficientnet_lite0")
+
+
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true", help="the short suite (under 5 minutes on 2 cores)")
   parser.add_argument("--only", default="", help="comma-separated sections to run: "
-                      "peak,train,loader,fed,eval,scaling (default: all); writes <machine>-partial.json")
+                      "peak,train,loader,fed,eval,scaling,backbones (default: all); writes <machine>-partial.json")
   parser.add_argument("--machine", default="", help="results file name; default from platform and cores")
   parser.add_argument("--out", default=str(HERE / "results"), help="folder for <machine>.json")
   parser.add_argument("--cache-dir", default=str(pathlib.Path.home() / ".cache" / "siamese_jax" / "decoded"),
@@ -113,6 +118,9 @@ SCALING_COLUMNS = [("scaling (same global batch)", "case", ""), ("strategy", "st
                    ("devices", "devices", "d"), ("items/s", "items_per_s", ".0f"),
                    ("steps/s", "steps_per_s", ".2f"), ("spread", "spread", ".1%"),
                    ("vs 1 device", "vs_one_device", ".2f"), ("compile s", "compile_seconds", ".1f")]
+BACKBONE_COLUMNS = [("backbone", "case", ""), ("batch", "batch", "d"), ("images/s", "images_per_s", ".1f"),
+                    ("spread", "spread", ".1%"), ("GFLOP/s", "gflops_per_s", ".1f"), ("% of peak", "pct_of_peak", ".1f"),
+                    ("compile s", "compile_seconds", ".1f")]
 TARGET_COLUMNS = [("target", "target", ""), ("measured", "measured", ""), ("needed", "needed", ""),
                   ("holds", "holds", "")]
 
@@ -129,7 +137,8 @@ def report_tables(results: dict) -> str:
                  f"({machine['cpu_model']}), {results['suite']} suite, data: {results['data']}; "
                  f"load average {load[0]:.1f} at the start, {load[1]:.1f} at the end.")
   for key, columns in (("train_step", TRAIN_COLUMNS), ("loader", LOADER_COLUMNS), ("fed_step", FED_COLUMNS),
-                       ("evaluation", EVAL_COLUMNS), ("scaling", SCALING_COLUMNS), ("targets", TARGET_COLUMNS)):
+                       ("evaluation", EVAL_COLUMNS), ("scaling", SCALING_COLUMNS), ("backbones", BACKBONE_COLUMNS),
+                       ("targets", TARGET_COLUMNS)):
     rows = results.get(key)
     if rows:
       for row in rows:
@@ -223,7 +232,7 @@ def section_peak(context: Context) -> dict:
 def rescale_to_peak(results: dict, peak_gflops: float) -> None:
   """Recomputes every pct_of_peak against the final peak."""
   results["matmul_peak_gflops"] = peak_gflops
-  for key in ("train_step", "scaling"):
+  for key in ("train_step", "scaling", "backbones"):
     for row in results.get(key, []):
       if "gflops_per_s" in row:
         row["pct_of_peak"] = 100.0 * row["gflops_per_s"] / peak_gflops
@@ -341,8 +350,39 @@ def run_scaling(context: Context) -> list[dict]:
   return rows
 
 
+def section_backbones(context: Context) -> dict:
+  """Each pretrained backbone's fine-tuning and frozen-features steps and its embedding speed, on RGB images
+  (synthetic data of configs/folder_pretrained.py's shape; the weights do not change the speed)."""
+  import cases
+  settings, rows = context.settings, []
+  size = settings["backbone_size"]
+  for name in BACKBONES:
+    config = cases.load_config("folder_pretrained", data_dir=None, cache_dir=context.args.cache_dir,
+                               **{"model.name": name, "model.pretrained": "", "data.image_size": size,
+                                  "data.channels": 3, "data.synthetic_classes": 40, "sampling.batch_size": 32,
+                                  "eval.batch_size": 64})
+    config.model = _backbone_model(config.model)
+    for row in cases.backbone_cases(name, config, warmup=settings["warmup"], repeats=settings["repeats"],
+                                    steps=settings["backbone_steps"], embed_images=settings["backbone_embed"],
+                                    peak_gflops=context.peak_gflops):
+      rows.append(row)
+      print(f"  {row['case']}: {row['images_per_s']:.1f} images/s, {row.get('pct_of_peak', 0):.1f} % of peak",
+            flush=True)
+  return {"backbones": rows}
+
+
+def _backbone_model(model_config):
+  """The config's model fields on another backbone's defaults (each backbone takes the same fields)."""
+  from siamese_jax import models
+  fresh = models.default_config(model_config.name)
+  for field in ("embedding_dim", "l2_normalize", "freeze_until"):
+    fresh[field] = model_config[field]
+  fresh.freeze_until = ""
+  return fresh
+
+
 SECTIONS = {"peak": section_peak, "train": section_train, "loader": section_loader, "fed": section_fed,
-            "eval": section_eval, "scaling": section_scaling}
+            "eval": section_eval, "scaling": section_scaling, "backbones": section_backbones}
 
 
 def main(args) -> None:

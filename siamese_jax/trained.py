@@ -76,6 +76,11 @@ class TrainedModel:
     """Whether image files are inverted on reading: Omniglot's are (dark ink -> ink = 255), as in training."""
     return self.config.data.source == "omniglot"
 
+  @property
+  def resize(self) -> str:
+    """How image files of other proportions reach the model's size: as its training data did (data.resize)."""
+    return self.config.data.get("resize", "stretch")  # absent from configs written before it
+
   def scorer_for(self, scoring_name: str = "auto") -> scoring.Scorer:
     """The scorer a `--scoring` choice names: "auto" is the model's own, "distance" the embedding distance
     (also for a model with a pair head), "pair_head" the head (an error for a model without one)."""
@@ -129,7 +134,10 @@ def load_trained_model(workdir: str | os.PathLike | None = None, *, checkpoint: 
     if field not in config:
       raise UserError(f"the config has no '{field}' section; is it a siamese_jax training config?")
   image_shape = pipeline.image_shape(config.data)
-  model = models.create(config.model, image_shape=image_shape, rngs=nnx.Rngs(int(config.get("seed", 0))))
+  # Shapes only (nnx.eval_shape): the checkpoint fills every variable, so a large backbone is not initialised
+  # for nothing.
+  model = nnx.eval_shape(lambda: models.create(config.model, image_shape=image_shape,
+                                               rngs=nnx.Rngs(int(config.get("seed", 0)))))
   graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
   params, model_state = restore_variables(step_dir, params, model_state)
   variables = (params, model_state)
@@ -239,13 +247,13 @@ def resolve_invert(invert: str | bool, model: TrainedModel) -> bool:
 
 
 def load_image_file(path: str | os.PathLike, image_shape: tuple[int, int, int], *,
-                    invert: bool) -> tuple[np.ndarray, str | None]:
+                    invert: bool, resize: str = "stretch") -> tuple[np.ndarray, str | None]:
   """(uint8 [H, W, C] in the model's shape, a note if it had to be resized or colour converted)."""
   path = pathlib.Path(path).expanduser()
   if not path.is_file():
     raise UserError(f"image {path}: not found.")
   data = path.read_bytes()
-  image = sources.decode_image(data, image_shape, invert=invert, name=str(path))
+  image = sources.decode_image(data, image_shape, invert=invert, name=str(path), resize=resize)
   with Image.open(io.BytesIO(data)) as original:
     width, height = original.size
     mode = original.mode
@@ -270,33 +278,34 @@ def _image_files_directly_in(folder: pathlib.Path) -> list[pathlib.Path]:
   return sorted(p for p in folder.iterdir() if p.is_file() and sources.is_image_name(p.name))
 
 
-def load_gallery(folder: str | os.PathLike, image_shape: tuple[int, int, int], *, invert: bool):
+def load_gallery(folder: str | os.PathLike, image_shape: tuple[int, int, int], *, invert: bool,
+                 resize: str = "stretch"):
   """A gallery folder (one sub-folder per class, or group/class) as an in-memory ImageSource."""
   folder = pathlib.Path(folder).expanduser()
   if folder.is_dir() and _image_files_directly_in(folder) and not any(p.is_dir() for p in folder.iterdir()):
     raise UserError(f"gallery {folder}: holds images but no class folders; a gallery needs one sub-folder "
                     "per class (gallery/<class>/<image>), the folder name being the class.")
   try:
-    return sources.image_folder_source(folder, image_shape, invert=invert)
+    return sources.image_folder_source(folder, image_shape, invert=invert, resize=resize)
   except UserError as error:
     raise UserError(f"gallery: {error}") from error
 
 
 def load_queries(path: str | os.PathLike, image_shape: tuple[int, int, int], *,
-                 invert: bool) -> LabelledImages:
+                 invert: bool, resize: str = "stretch") -> LabelledImages:
   """Query images: one file, a folder of files (classes unknown), or class sub-folders (classes known)."""
   path = pathlib.Path(path).expanduser()
   if path.is_file():
-    image, _ = load_image_file(path, image_shape, invert=invert)
+    image, _ = load_image_file(path, image_shape, invert=invert, resize=resize)
     return LabelledImages(image[None], [path.name], None)
   if not path.is_dir():
     raise UserError(f"queries {path}: not found; expected an image file or a folder of images.")
   files = _image_files_directly_in(path)
   if files:
-    images = np.stack([load_image_file(f, image_shape, invert=invert)[0] for f in files])
+    images = np.stack([load_image_file(f, image_shape, invert=invert, resize=resize)[0] for f in files])
     return LabelledImages(images, [f.name for f in files], None)
   try:
-    source = sources.image_folder_source(path, image_shape, invert=invert)
+    source = sources.image_folder_source(path, image_shape, invert=invert, resize=resize)
   except UserError as error:
     raise UserError(f"queries: {error}") from error
   return LabelledImages(np.asarray(source.images), list(source.file_ids),

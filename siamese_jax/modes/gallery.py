@@ -53,7 +53,8 @@ def compare_images(workdir: str | os.PathLike, image1: str | os.PathLike, image2
   """Distance (and pair-head probability) of two image files, and the decision at the calibrated threshold."""
   model = load_trained_model(workdir, checkpoint=checkpoint, config=config)
   flip = resolve_invert(invert, model)
-  (first, note1), (second, note2) = (load_image_file(p, model.image_shape, invert=flip) for p in (image1, image2))
+  (first, note1), (second, note2) = (load_image_file(p, model.image_shape, invert=flip, resize=model.resize)
+                                          for p in (image1, image2))
   embeddings = model.embed(np.stack([first, second]))
   distance = float(np.linalg.norm(embeddings[0].astype(np.float64) - embeddings[1]))
   result: dict[str, Any] = {"image1": str(image1), "image2": str(image2), "distance": distance,
@@ -105,8 +106,8 @@ def classify_gallery(workdir: str | os.PathLike, gallery: str | os.PathLike, que
     raise UserError(f"method='{method}' is not one of {GALLERY_METHODS}.")
   model = load_trained_model(workdir, checkpoint=checkpoint, config=config)
   flip = resolve_invert(invert, model)
-  gallery_source = load_gallery(gallery, model.image_shape, invert=flip)
-  query_set = load_queries(queries, model.image_shape, invert=flip)
+  gallery_source = load_gallery(gallery, model.image_shape, invert=flip, resize=model.resize)
+  query_set = load_queries(queries, model.image_shape, invert=flip, resize=model.resize)
   if open_set_mode and query_set.class_names is None:
     raise UserError(f"open set: queries {queries} must come in class folders (queries/<class>/<image>) so "
                     "known and unknown queries can be told apart; classes not in the gallery are unknown.")

@@ -41,8 +41,18 @@ INTENTS = (
     ("the best on Vinyals et al.'s split: an ensemble", "configs/omniglot_vinyals_ensemble.py"),
     ("Koch et al.'s setting (a GPU/TPU)", "configs/omniglot_koch.py"),
     ("your own folder of images", "configs/folder.py"),
+    ("your own photos, from ImageNet weights", "configs/folder_pretrained.py"),
 )
-UNMEASURED = {"configs/omniglot_koch.py": "not measured", "configs/folder.py": "depends on your data"}
+UNMEASURED = {"configs/omniglot_koch.py": "not measured", "configs/folder.py": "depends on your data",
+              "configs/folder_pretrained.py": "depends on your data"}
+# docs/results.md's side-by-side tables: (title, what they share, configs in order).
+COMPARISONS = (
+    ("ImageNet-pretrained EfficientNet-Lite0 against the from-scratch default",
+     "Omniglot background -> evaluation alphabets, 28x28, prototype loss, the same training minutes on the same "
+     "machine kind; the pretrained network sees each character repeated to RGB",
+     ("configs/omniglot.py", "configs/ablations/omniglot_pretrained.py:frozen",
+      "configs/ablations/omniglot_pretrained.py:finetune")),
+)
 # The README's results table: the shipped configs with results, in this order.
 README_RESULTS = ("configs/omniglot.py", "configs/omniglot_hour.py", "configs/omniglot_best_single.py",
                   "configs/omniglot_best_ensemble.py", "configs/omniglot_vinyals.py",
@@ -178,8 +188,14 @@ def commands(result: dict) -> list[str]:
 
 
 def expected_line(config: str, results: dict[str, dict]) -> str:
-  """The rendered Expected line of configs/<config>.py's header."""
+  """The rendered Expected line of configs/<config>.py's header (each measured variant's where the file
+  itself has no results)."""
   result = results.get(config)
+  variants = {c.split(":", 1)[1]: r for c, r in results.items()
+              if c.startswith(config + ":") and _finite(r.get("training_minutes"))}
+  if result is None and variants:
+    text = ", ".join(f":{name} {training_time(r)}" for name, r in variants.items())
+    return EXPECTED_PREFIX + f"{text} of training on 2 CPU cores; figures in {RESULTS_DOC}."
   if result is None or not _finite(result.get("training_minutes")):
     return EXPECTED_PREFIX + f"{UNMEASURED.get(config, 'not measured')}; measured configs: {RESULTS_DOC}."
   text = f"{training_time(result)} of training on 2 CPU cores"
@@ -320,6 +336,18 @@ def results_doc(results: dict[str, dict], literature: dict) -> str:
     lines += [""] + table(["Vinyals test", *(setting_name(s) for s in SETTINGS)],
                           [[e["method"], *(percent(e[s]) if s in e else DASH for s in SETTINGS)]
                            for e in literature.get("vinyals", [])]) + [""]
+  for title, shared, configs in COMPARISONS:
+    compared = [results[c] for c in configs if c in results]
+    if len(compared) < 2:
+      continue
+    lines += [f"## {title}", "", f"Shared: {shared}. Each row's own section below has its commands.", ""]
+    lines += table(["config", "training", "steps", "Lake's 20 runs", "20-way 1-shot, within alphabet",
+                    "5-way 1-shot, within alphabet", "20-way 1-shot, unstructured"],
+                   [[config_link(r["config"]), training_time(r), count(r.get("steps")),
+                     with_interval(get(r, "lake_runs"), fine=True),
+                     with_interval(get(r, "episodes", "within", "20way1shot")),
+                     with_interval(get(r, "episodes", "within", "5way1shot")),
+                     with_interval(get(r, "episodes", "unstructured", "20way1shot"))] for r in compared]) + [""]
   for result in results.values():
     lines += _section(result)
   return "\n".join(lines).rstrip("\n") + "\n"

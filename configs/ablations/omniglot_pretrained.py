@@ -1,7 +1,7 @@
 r"""Ablation: ImageNet-pretrained EfficientNet-Lite0 against the fast default, in its training minutes.
 
   OMNIGLOT_DIR=../shared/data/omniglot python launch.py --config=configs/ablations/omniglot_pretrained.py:frozen --workdir=runs/lite0_frozen
-Expected [results/render.py]: figures in docs/results.md.
+Expected [results/render.py]: not measured; measured configs: docs/results.md.
 Same data, loss and training minutes as configs/omniglot.py; `:frozen` trains only a projection on the frozen
 backbone, `:finetune` trains everything (backbone at a tenth of the lr). `:smoke` runs in seconds.
 """
@@ -11,7 +11,8 @@ from siamese_jax import models
 
 
 def get_config(arg: str | None = None):
-  """`arg`: `frozen`, `finetune` or `smoke`."""
+  """`arg`: `frozen` (the default), `finetune` or `smoke`."""
+  arg = arg or "frozen"
   if arg not in ("frozen", "finetune", "smoke"):
     raise ValueError(f"unknown config variant '{arg}' (known: frozen, finetune, smoke)")
   config = omniglot.get_config("smoke" if arg == "smoke" else None)

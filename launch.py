@@ -57,8 +57,10 @@ flags.DEFINE_integer("process_id", None, "train on several processes: this one's
 # Modes on a trained workdir.
 flags.DEFINE_string("checkpoint", "best", "Checkpoint to use: best (by validation accuracy), latest, a step number, "
                     "or the path of a <workdir>/checkpoints/<step> directory.")
-flags.DEFINE_list("ways", ["5", "20"], "eval: N of the N-way episodes (comma-separated).")
-flags.DEFINE_list("shots", ["1", "5"], "eval: K of the K-shot episodes (comma-separated).")
+flags.DEFINE_list("ways", [], "eval: N of the N-way episodes (comma-separated); default: the run's "
+                  "eval.test_ways.")
+flags.DEFINE_list("shots", [], "eval: K of the K-shot episodes (comma-separated); default: the run's "
+                  "eval.test_shots.")
 flags.DEFINE_integer("episodes", 1000, "eval: episodes per (mode, N, K) setting.")
 flags.DEFINE_integer("queries_per_class", None, "eval: query images per class in an episode (default: the run's "
                      "eval.queries_per_class).")
@@ -114,7 +116,8 @@ def main(argv):
         print_results(results)
     elif mode == "eval":
       results = evaluate.evaluate_workdir(
-          workdir, ways=integers(FLAGS.ways, "ways"), shots=integers(FLAGS.shots, "shots"),
+          workdir, ways=integers(FLAGS.ways, "ways") if FLAGS.ways else None,
+          shots=integers(FLAGS.shots, "shots") if FLAGS.shots else None,
           num_episodes=FLAGS.episodes, queries_per_class=FLAGS.queries_per_class, seed=FLAGS.seed,
           scoring=FLAGS.scoring, threshold_method=FLAGS.threshold_method, target_far=FLAGS.target_far,
           num_pairs=FLAGS.pairs, batch_size=FLAGS.batch_size, **common)

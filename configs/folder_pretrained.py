@@ -35,8 +35,8 @@ def get_config(arg: str | None = None):
   config.optim.learning_rate = 1e-3  # the new projection
   config.optim.backbone_learning_rate = 1e-4  # the pretrained stages: small steps keep what they learned
   config.optim.backbone_warmup_steps = 200
-  config.optim.warmup_steps = 100
   if arg != "smoke":
+    config.optim.warmup_steps = 100
     config.train.num_steps = 3000
   else:
     config.data.image_size = 48

@@ -102,11 +102,14 @@ def test_folder_pretrained_smoke_resumes_bit_identical_and_evaluates(photo_folde
   config = folder_pretrained.get_config("smoke")
   model = models.create(config.model, image_shape=(48, 48, 3), rngs=nnx.Rngs(0))
   models.load_pretrained(model, config.model)
-  pretrained = nnx.state(model, nnx.Param)
-  np.testing.assert_array_equal(expected["backbone"]["stage5"][0]["depthwise_conv"]["kernel"],
-                                pretrained["backbone"]["stage5"][0]["depthwise_conv"]["kernel"][...])
-  assert not np.array_equal(expected["backbone"]["stage6"][0]["depthwise_conv"]["kernel"],
-                            pretrained["backbone"]["stage6"][0]["depthwise_conv"]["kernel"][...])
+  pretrained = nnx.state(model, nnx.Param)["backbone"]
+
+  def largest_change(stage):
+    return max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+               for a, b in zip(jax.tree.leaves(expected["backbone"][stage]), jax.tree.leaves(pretrained[stage])))
+
+  assert [largest_change(stage) for stage in ("stem", "stage1", "stage5")] == [0.0, 0.0, 0.0]
+  assert largest_change("stage6") > 1e-5 and largest_change("head") > 1e-5
 
   evaluated = subprocess.run([sys.executable, str(REPO / "launch.py"), "--mode=eval", f"--workdir={interrupted}"],
                              cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600)

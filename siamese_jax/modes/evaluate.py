@@ -82,7 +82,7 @@ def calibrate_workdir(workdir: str | pathlib.Path, *, checkpoint: str = "best", 
 
 
 def evaluate_workdir(workdir: str | pathlib.Path, *, checkpoint: str = "best", config=None,
-                     ways: Sequence[int] = (5, 20), shots: Sequence[int] = (1, 5),
+                     ways: Sequence[int] | None = None, shots: Sequence[int] | None = None,
                      queries_per_class: int | None = None, num_episodes: int = 1000,
                      seed: int | None = None, scoring: str = "auto", threshold_method: str = "max_accuracy",
                      target_far: float = 0.001, num_pairs: int = 10000,
@@ -92,7 +92,8 @@ def evaluate_workdir(workdir: str | pathlib.Path, *, checkpoint: str = "best", c
 
   Restores the checkpoint (`checkpoint`: best | latest | step | path; see trained.load_trained_model),
   rebuilds the run's splits (the same seeded class splits as training), embeds each test image once and
-  reports: N-way K-shot episodes within and across groups (mean and 95 % CI), Lake's 20 runs
+  reports: N-way K-shot episodes within and across groups (mean and 95 % CI; `ways` and `shots` default to
+  the run's eval.test_ways and eval.test_shots, as its training report), Lake's 20 runs
   (Omniglot), verification on test pairs at a threshold calibrated on validation pairs (also written to
   `<workdir>/eval/threshold.json` for the compare/gallery/openset modes; calibrated with the run's seed
   whatever `seed` is), retrieval, and open set (half the test classes known, one gallery image each).
@@ -114,7 +115,8 @@ def evaluate_workdir(workdir: str | pathlib.Path, *, checkpoint: str = "best", c
   queries = run_config.eval.queries_per_class if queries_per_class is None else queries_per_class
   batch_size = batch_size or run_config.eval.batch_size
   scorer = model.scorer_for(scoring)
-  ways, shots = tuple(int(n) for n in ways), tuple(int(k) for k in shots)
+  ways = tuple(int(n) for n in (run_config.eval.test_ways if ways is None else ways))
+  shots = tuple(int(k) for k in (run_config.eval.test_shots if shots is None else shots))
   splits = pipeline.load_splits(run_config.data, seed=run_config.seed)  # the training run's splits
   test = splits.test
   check_episode_settings(test.labels, test.class_groups, ways=ways, shots=shots, queries=queries)

@@ -2,6 +2,9 @@
 
 import os
 import pathlib
+import signal
+import subprocess
+import time
 
 # Must happen before JAX initialises its backend (first JAX op), so it lives at import time here.
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
@@ -31,3 +34,17 @@ def omniglot_dir() -> pathlib.Path:
       pytest.fail("Omniglot not found: set OMNIGLOT_DIR or put it at ../shared/data/omniglot")
     pytest.skip("Omniglot not found (set OMNIGLOT_DIR)")
   return path
+
+
+def kill_at_checkpoint(command: list[str], checkpoint: pathlib.Path, env: dict, timeout: float = 300) -> None:
+  """Starts `command` (a training run) and kills it with SIGKILL as soon as `checkpoint` is complete:
+  Orbax renames its temporary directory to the step number only when the save has finished."""
+  process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.monotonic() + timeout
+  while not checkpoint.exists():
+    assert process.poll() is None, "training ended before the checkpoint"
+    assert time.monotonic() < deadline
+    time.sleep(0.02)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert process.returncode == -signal.SIGKILL

@@ -81,7 +81,8 @@ def test_eval_mode_writes_results_json(own_workdir):
   environment = dict(os.environ, JAX_PLATFORMS="cpu")
   environment.pop("XLA_FLAGS", None)
   done = subprocess.run([sys.executable, "launch.py", "--mode=eval", f"--workdir={own_workdir}",
-                         "--episodes=100", "--checkpoint=latest", "--seed=3"], cwd=REPO, env=environment,
+                         "--episodes=100", "--checkpoint=latest", "--seed=3", "--ways=5,20", "--shots=1,5"],
+                        cwd=REPO, env=environment,
                         capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "Results at step 12" in done.stdout

@@ -9,10 +9,8 @@ resumes to parameters bit-identical to a run never interrupted, and evaluates in
 import json
 import os
 import pathlib
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -20,6 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
+from conftest import kill_at_checkpoint
 from siamese_jax import models
 from siamese_jax.errors import UserError
 
@@ -78,16 +77,7 @@ def test_folder_pretrained_smoke_resumes_bit_identical_and_evaluates(photo_folde
   assert f"note: 1 grayscale images in {photo_folder} were converted to RGB" in done.stdout
 
   interrupted = tmp_path / "interrupted"
-  process = subprocess.Popen(command(interrupted, photo_folder), cwd=REPO, env=environment(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.monotonic() + 300
-  while not (interrupted / "checkpoints" / "4").exists():
-    assert process.poll() is None, "training ended before its first checkpoint"
-    assert time.monotonic() < deadline
-    time.sleep(0.02)
-  process.send_signal(signal.SIGKILL)
-  process.wait()
-  assert process.returncode == -signal.SIGKILL
+  kill_at_checkpoint(command(interrupted, photo_folder), interrupted / "checkpoints" / "4", environment())
   resumed = subprocess.run(command(interrupted, photo_folder), cwd=REPO, env=environment(), capture_output=True,
                            text=True, timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-3000:]

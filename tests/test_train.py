@@ -19,6 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from conftest import kill_at_checkpoint
 from siamese_jax.train import LoopState, collapse_warning
 from siamese_jax.writers import MetricWriter, read_metrics
 
@@ -63,18 +64,7 @@ def test_sigkill_then_resume_equals_uninterrupted(omniglot_dir, tmp_path, cache_
   env = environment(omniglot_dir)
   interrupted = tmp_path / "interrupted"
 
-  # Kill -9 as soon as the first checkpoint is complete (Orbax renames its temporary directory to the
-  # step number only when the save is finished).
-  process = subprocess.Popen(launch_command(interrupted, cache_dir), cwd=REPO, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.monotonic() + 300
-  while not (interrupted / "checkpoints" / "10").exists():
-    assert process.poll() is None, "training ended before its first checkpoint"
-    assert time.monotonic() < deadline
-    time.sleep(0.02)
-  process.send_signal(signal.SIGKILL)
-  process.wait()
-  assert process.returncode == -signal.SIGKILL
+  kill_at_checkpoint(launch_command(interrupted, cache_dir), interrupted / "checkpoints" / "10", env)
   assert not (interrupted / "results.json").exists(), "the run finished before it was killed"
 
   resumed = subprocess.run(launch_command(interrupted, cache_dir), cwd=REPO, env=env, capture_output=True,

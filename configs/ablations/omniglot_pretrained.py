@@ -1,7 +1,7 @@
 r"""Ablation: ImageNet-pretrained EfficientNet-Lite0 against the fast default, in its training minutes.
 
   OMNIGLOT_DIR=../shared/data/omniglot python launch.py --config=configs/ablations/omniglot_pretrained.py:frozen --workdir=runs/lite0_frozen
-Expected [results/render.py]: :finetune 16.5 min, :frozen 18.3 min of training on 2 CPU cores; figures in docs/results.md.
+Expected [results/render.py]: :finetune 11.9 min, :frozen 18.3 min of training on 2 CPU cores; figures in docs/results.md.
 Same data, loss and training minutes as configs/omniglot.py; `:frozen` trains only a projection on the frozen
 backbone, `:finetune` then all weights too (backbone at a tenth of the lr). `:smoke` runs in seconds.
 """

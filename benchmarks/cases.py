@@ -7,6 +7,7 @@ evaluation run, and returns a flat dict of numbers that `run.py` prints and writ
 
 from __future__ import annotations
 
+import functools
 import gc
 import importlib
 import os

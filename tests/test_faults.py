@@ -74,6 +74,7 @@ def metrics_lines(workdir: pathlib.Path) -> int:
   return len(path.read_text().splitlines()) if path.exists() else 0
 
 
+@pytest.mark.slow
 def test_repeated_kill_then_resume_equals_uninterrupted(tmp_path, uninterrupted):
   """Killed five times (twice while a checkpoint is being written), then left to finish."""
   rng = random.Random(20240605)
@@ -186,6 +187,7 @@ def can_mount_tmpfs() -> bool:
   return probe.returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not can_mount_tmpfs(), reason="needs unshare and user namespaces to mount a tmpfs")
 def test_full_and_read_only_disk_keep_the_last_checkpoint(tmp_path, uninterrupted):
   """The workdir lives on a 16 MB tmpfs in a private mount namespace. Made read-only, then limited in file

@@ -99,6 +99,7 @@ def fine_tuning_config(loss: str = "prototypical", kind: str = "m_per_class", **
   return config
 
 
+@pytest.mark.slow
 def test_fine_tuning_strategies_match():
   # The reference is two devices, not one: with XLA:CPU's YNNPACK fusions off (conftest, launch.py), this
   # network's one-device program moves layer3's weights by a few per cent differently from the same program

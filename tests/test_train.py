@@ -91,6 +91,7 @@ def test_sigkill_then_resume_equals_uninterrupted(omniglot_dir, tmp_path, cache_
   assert straight_results["episodes"]["unstructured"]["5way1shot"]["mean"] > 0.4
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_cleanly(omniglot_dir, tmp_path, cache_dir, straight):
   """Preemption: SIGTERM finishes the step, saves, exits 0; the next start resumes and ends identical."""
   env = environment(omniglot_dir)
@@ -116,6 +117,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(omniglot_dir, tmp_path, cache_dir
   jax.tree.map(np.testing.assert_array_equal, final_params(tmp_path, NUM_STEPS), final_params(straight, NUM_STEPS))
 
 
+@pytest.mark.slow
 def test_finished_workdir_is_not_retrained(omniglot_dir, tmp_path, cache_dir):
   """Running a finished run's command again re-evaluates the final checkpoint, it does not train; a
   changed config resumes its checkpoints with a warning that names each changed field, or, if they
@@ -172,6 +174,7 @@ def test_collapse_warning_flags_the_measured_collapse_and_not_a_learning_run():
   assert collapse_warning({"loss": 1.0}, {"loss": 0.9}, 0.2) is None
 
 
+@pytest.mark.slow
 def test_batch_hard_collapse_is_warned_about_in_the_training_log(omniglot_dir, tmp_path, cache_dir):
   """On real Omniglot, batch-hard mining from initialisation collapses the smoke triplet run (as it does
   the full config, docs/ablations.md): by step 120 both mean distances are near 0.01 against a

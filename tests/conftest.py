@@ -48,3 +48,22 @@ def kill_at_checkpoint(command: list[str], checkpoint: pathlib.Path, env: dict, 
   process.send_signal(signal.SIGKILL)
   process.wait()
   assert process.returncode == -signal.SIGKILL
+
+
+def write_keras_h5(path, tensors: dict, weightless: tuple[str, ...] = ()):
+  """A Keras weights .h5 as Keras writes it: one group per layer (`weightless` layers first, empty), each
+  weight under "<layer>/<name>:0" and listed in the group's attributes; `tensors` is {"<layer>/<name>": array}."""
+  import h5py
+  import numpy as np
+  by_layer: dict[str, dict] = {layer: {} for layer in weightless}
+  for name, array in tensors.items():
+    layer, weight = name.split("/")
+    by_layer.setdefault(layer, {})[weight] = array
+  with h5py.File(path, "w") as f:
+    f.attrs["layer_names"] = np.array([layer.encode() for layer in by_layer])
+    for layer, weights in by_layer.items():
+      group = f.create_group(layer)
+      group.attrs["weight_names"] = np.array([f"{layer}/{w}:0".encode() for w in weights])
+      for w, array in weights.items():
+        group.create_dataset(f"{layer}/{w}:0", data=array)
+  return path

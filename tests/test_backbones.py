@@ -25,6 +25,8 @@ import numpy as np
 import pytest
 from flax import nnx
 from numpy.lib.stride_tricks import sliding_window_view
+
+from conftest import write_keras_h5
 from test_weights import FakeTensor, fake_torch, write_legacy_pth, write_zip_pth  # noqa: F401 (fake_torch: fixture)
 
 from siamese_jax import layers
@@ -313,23 +315,6 @@ def torch_file(path, tensors: dict[str, np.ndarray], file_format: str, torch=Non
   return path
 
 
-def keras_file(path, tensors: dict[str, np.ndarray], weightless: tuple[str, ...] = ()):
-  """Keras' weights .h5: one group per layer, weights under "<layer>/<name>:0", listed in attributes."""
-  import h5py
-  by_layer: dict[str, dict[str, np.ndarray]] = {layer: {} for layer in weightless}
-  for name, array in tensors.items():
-    layer, weight = name.split("/")
-    by_layer.setdefault(layer, {})[weight] = array
-  with h5py.File(path, "w") as f:
-    f.attrs["layer_names"] = np.array([layer.encode() for layer in by_layer])
-    for layer, weights in by_layer.items():
-      group = f.create_group(layer)
-      group.attrs["weight_names"] = np.array([f"{layer}/{w}:0".encode() for w in weights])
-      for w, array in weights.items():
-        group.create_dataset(f"{layer}/{w}:0", data=array)
-  return path
-
-
 def loaded(factory: Callable[[], base.Backbone], path) -> base.Backbone:
   """The backbone built abstractly (no random initialisation: loading fills every variable), then loaded."""
   backbone = nnx.eval_shape(factory)
@@ -387,7 +372,7 @@ def test_resnet18_torchvision_legacy_pth(tmp_path, fake_torch):
 def test_resnet50_keras_h5(tmp_path):
   src = Source(5050)
   features, logits = keras_resnet50(src, images(3))
-  path = keras_file(tmp_path / "resnet50_weights_tf_dim_ordering_tf_kernels.h5", src.tensors,
+  path = write_keras_h5(tmp_path / "resnet50_weights_tf_dim_ordering_tf_kernels.h5", src.tensors,
                     weightless=("input_1", "conv1_pad", "conv1_relu", "pool1_pad", "pool1_pool"))
   backbone = loaded(lambda: resnet.ResNet(50, num_classes=1000, layout="keras", preprocessing="caffe",
                                           rngs=nnx.Rngs(0)), path)
@@ -416,7 +401,7 @@ def test_misfitting_files_change_nothing(tmp_path, fake_torch, resnet50_file):
                      r"is \(256, 128, 3, 3\), expected \(256, 256, 3, 3\)\)$"):
     base.load_file(backbone, str(misshaped))
 
-  keras = keras_file(tmp_path / "keras.h5", {"conv1_conv/kernel": np.zeros((7, 7, 3, 64), np.float32),
+  keras = write_keras_h5(tmp_path / "keras.h5", {"conv1_conv/kernel": np.zeros((7, 7, 3, 64), np.float32),
                                              "conv1_conv/bias": np.zeros((64,), np.float32)})
   with pytest.raises(UserError, match=r"holds Keras tensor names \('conv1_conv/kernel'\); set "
                      r"model\.weights_layout='keras'"):
@@ -495,7 +480,7 @@ def test_vgg16_keras_h5(tmp_path):
   for layer in ("fc1", "fc2", "predictions"):
     tensors[f"{layer}/kernel"] = np.ones((3, 4), np.float32)
     tensors[f"{layer}/bias"] = np.ones((4,), np.float32)
-  path = keras_file(tmp_path / "vgg16_weights_tf_dim_ordering_tf_kernels.h5", tensors,
+  path = write_keras_h5(tmp_path / "vgg16_weights_tf_dim_ordering_tf_kernels.h5", tensors,
                     weightless=("input_1", "block1_pool", "flatten"))
   backbone = loaded(lambda: vgg.VGG16(layout="keras", preprocessing="caffe", rngs=nnx.Rngs(0)), path)
   assert_close(forward_features(backbone, jnp.asarray(images(5))), features)

@@ -19,6 +19,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from conftest import write_keras_h5
+
 from siamese_jax.errors import UserError
 from siamese_jax.weights import match_weights, read_weights
 
@@ -200,22 +202,15 @@ def test_safetensors_round_trip(tmp_path):
 
 
 def test_keras_h5_round_trip(tmp_path):
-  h5py = pytest.importorskip("h5py")
+  pytest.importorskip("h5py")
   rng = np.random.default_rng(5)
-  layers = {"block1_conv1": {"kernel": rng.normal(size=(3, 3, 3, 4)).astype(np.float32),
-                             "bias": rng.normal(size=(4,)).astype(np.float32)},
-            "block1_pool": {},
-            "conv1_bn": {"gamma": rng.normal(size=(4,)).astype(np.float32),
-                         "moving_variance": rng.normal(size=(4,)).astype(np.float32)}}
-  with h5py.File(tmp_path / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5", "w") as f:
-    f.attrs["layer_names"] = np.array([name.encode() for name in layers])
-    for layer, weights in layers.items():
-      group = f.create_group(layer)
-      group.attrs["weight_names"] = np.array([f"{layer}/{w}:0".encode() for w in weights])
-      for w, array in weights.items():
-        group.create_dataset(f"{layer}/{w}:0", data=array)
-  found = read_weights(tmp_path / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5")
-  expected = {f"{layer}/{w}": array for layer, weights in layers.items() for w, array in weights.items()}
+  expected = {"block1_conv1/kernel": rng.normal(size=(3, 3, 3, 4)).astype(np.float32),
+              "block1_conv1/bias": rng.normal(size=(4,)).astype(np.float32),
+              "conv1_bn/gamma": rng.normal(size=(4,)).astype(np.float32),
+              "conv1_bn/moving_variance": rng.normal(size=(4,)).astype(np.float32)}
+  path = write_keras_h5(tmp_path / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5", expected,
+                        weightless=("block1_pool",))  # a pooling layer: listed, no weights
+  found = read_weights(path)
   assert list(found) == list(expected)
   for name, array in expected.items():
     np.testing.assert_array_equal(found[name], array)

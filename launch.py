@@ -24,20 +24,15 @@ import pathlib
 import re
 import sys
 
-# Before JAX starts (the siamese_jax imports below start it): XLA:CPU's YNNPACK convolution fusions are
-# slow for these convolutions on CPU; an empty fusion type turns them off. A user-set XLA_FLAGS is left alone.
-if "XLA_FLAGS" not in os.environ:
-  os.environ["XLA_FLAGS"] = "--xla_cpu_experimental_ynn_fusion_type="
+from absl import app, flags, logging
+import ml_collections
+from ml_collections import config_flags
 
-from absl import app, flags, logging  # noqa: E402
-import ml_collections  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from siamese_jax import distributed, train, trained  # noqa: E402
-from siamese_jax.errors import UserError  # noqa: E402
-from siamese_jax.metrics import retrieval, scoring, verification  # noqa: E402
-from siamese_jax.modes import ensemble, evaluate, export, gallery, plots  # noqa: E402
-from siamese_jax.modes.report import print_mapping, print_results  # noqa: E402
+from siamese_jax import api, distributed, trained  # the package sets XLA's CPU flags before JAX starts
+from siamese_jax.errors import UserError
+from siamese_jax.metrics import retrieval, scoring, verification
+from siamese_jax.modes import ensemble, evaluate, export, gallery, plots
+from siamese_jax.modes.report import print_mapping, print_results
 
 MODES = ("train", "eval", "calibrate", "export", "compare", "gallery", "openset", "plots", "ensemble")
 
@@ -108,10 +103,7 @@ def main(argv):
       # Before anything touches a device: every process then sees the devices of all.
       if distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id):
         logging.set_verbosity(logging.WARNING if distributed.is_main_process() else logging.ERROR)
-      if ensemble.is_ensemble_config(config):
-        results = ensemble.train_ensemble(config, workdir)
-      else:
-        results = train.train_and_evaluate(config, workdir)
+      results = api.run_training(config, workdir)  # train (or resume), evaluate, calibrate the threshold
       if distributed.is_main_process():
         print_results(results)
     elif mode == "eval":

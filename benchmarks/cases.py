@@ -1,6 +1,6 @@
 """The benchmark cases: train step, loader, loader-fed step, evaluation, device scaling.
 
-Each case builds what it needs through the library's own entry points (`train.setup`,
+Each case builds what it needs through the library's own entry points (`training.setup`,
 `pipeline.train_dataset`, `embedding.embed_images`, ...), so what is timed is what training and
 evaluation run, and returns a flat dict of numbers that `run.py` prints and writes to JSON.
 """
@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from siamese_jax import models, train
+from siamese_jax import models, training
 from siamese_jax.data import pipeline, sampling
 from siamese_jax.metrics import embedding, lake
 from siamese_jax.metrics import episodes as episode_metrics
@@ -76,7 +76,7 @@ def load_config(name: str, *, data_dir: pathlib.Path | None, cache_dir: str, num
 
 
 def make_sampler(config: ml_collections.ConfigDict, source) -> sampling.Sampler:
-  """The sampler `train.setup` builds, over another source (e.g. the lazily decoded one)."""
+  """The sampler `training.setup` builds, over another source (e.g. the lazily decoded one)."""
   return sampling.Sampler(
       sampling.ClassIndex.from_labels(source.labels, source.class_groups, source.class_names),
       kind=config.sampling.kind, batch_size=config.sampling.batch_size, seed=config.seed,
@@ -84,15 +84,15 @@ def make_sampler(config: ml_collections.ConfigDict, source) -> sampling.Sampler:
       same_group_negative_probability=config.sampling.same_group_negative_probability)
 
 
-def make_step(built: train.Setup, config: ml_collections.ConfigDict):
-  """The jitted, data-parallel step exactly as `train.train_and_evaluate` wraps it (state donated)."""
-  return built.parallel.wrap_step(train.bind_train_step(built, config))
+def make_step(built: training.Setup, config: ml_collections.ConfigDict):
+  """The jitted, data-parallel step exactly as `training.train_and_evaluate` wraps it (state donated)."""
+  return built.parallel.wrap_step(training.bind_train_step(built, config))
 
 
 class CompiledStep:
   """A compiled train step with its state; `run(n, batches)` takes n steps and returns the state."""
 
-  def __init__(self, built: train.Setup, config: ml_collections.ConfigDict):
+  def __init__(self, built: training.Setup, config: ml_collections.ConfigDict):
     self.built = built
     self.parallel = built.parallel
     self.batch = self.parallel.put_batch(pipeline.BatchBuilder(built.splits.train, built.sampler)(0))
@@ -128,7 +128,7 @@ class CompiledStep:
 def train_step_case(label: str, config: ml_collections.ConfigDict, *, warmup: int, repeats: int,
                     steps_per_repeat: int, peak_gflops: float) -> dict[str, Any]:
   """Steps/s, items/s, FLOP/s and % of the matmul peak of one config's step on a resident batch."""
-  built = train.setup(config)
+  built = training.setup(config)
   step = CompiledStep(built, config)
   timing = common.time_repeated(lambda: step.run(steps_per_repeat), warmup=warmup, repeats=repeats,
                                 units_per_call=steps_per_repeat)
@@ -223,7 +223,7 @@ def loader_case(label: str, config: ml_collections.ConfigDict, source, *, worker
 
 def augment_case(label: str, config: ml_collections.ConfigDict, source, *, warmup: int,
                  repeats: int) -> dict[str, Any]:
-  """`train.augment_examples` alone, jitted, on a device batch: the on-device half of the pipeline."""
+  """`training.augment_examples` alone, jitted, on a device batch: the on-device half of the pipeline."""
   sampler = make_sampler(config, source)
   batch = jax.device_put(pipeline.BatchBuilder(source, sampler)(0))
   batch_size = config.sampling.batch_size
@@ -231,7 +231,7 @@ def augment_case(label: str, config: ml_collections.ConfigDict, source, *, warmu
   @jax.jit
   def distort(images, step):
     key = jax.random.fold_in(jax.random.key(config.seed), step)
-    return train.augment_examples(key, np.arange(batch_size), images, config.augment)
+    return training.augment_examples(key, np.arange(batch_size), images, config.augment)
 
   counter = iter(range(1 << 30))
   timing = common.time_repeated(lambda: distort(batch["images"], next(counter)), warmup=warmup,
@@ -258,7 +258,7 @@ def fed_step_case(label: str, config: ml_collections.ConfigDict, *, workers: int
 
   The two are timed in alternating repetitions so that drift (another process, thermal) hits both.
   """
-  built = train.setup(config)
+  built = training.setup(config)
   step = CompiledStep(built, config)
   total = (warmup + repeats) * steps_per_repeat + 4
   dataset = pipeline.train_dataset(built.splits.train, built.sampler, num_steps=total, num_workers=workers)
@@ -303,9 +303,9 @@ def evaluation_cases(label: str, config: ml_collections.ConfigDict, *, warmup: i
 
   The model is freshly initialised: speed does not depend on the weights.
   """
-  built = train.setup(config)
+  built = training.setup(config)
   embed_fn = models.make_embed_fn(built.graphdef)
-  variables = train.variables_of(jax.device_put(built.state))
+  variables = training.variables_of(jax.device_put(built.state))
   test = built.splits.test
   images = pipeline.all_images(test)
   if embed_limit:
@@ -364,9 +364,9 @@ def backbone_cases(name: str, config: ml_collections.ConfigDict, *, warmup: int,
     row = train_step_case(label, config, warmup=warmup, repeats=repeats, steps_per_repeat=steps,
                           peak_gflops=peak_gflops)
     rows.append(row)
-  built = train.setup(config)
+  built = training.setup(config)
   embed_fn = models.make_embed_fn(built.graphdef)
-  variables = train.variables_of(jax.device_put(built.state))
+  variables = training.variables_of(jax.device_put(built.state))
   images = pipeline.all_images(built.splits.test)[:embed_images]
   embed = lambda: embedding.embed_images(embed_fn, variables, images, config.eval.batch_size)  # noqa: E731
   timing = common.time_repeated(embed, warmup=warmup, repeats=repeats)

@@ -6,7 +6,7 @@ Defaults suit small colour photos (64x64 RGB centre crops, photo augmentation, s
 `:smoke` runs in seconds on a tiny folder (the tests make one).
 """
 
-from configs import omniglot
+from siamese_jax.configs import omniglot
 from siamese_jax import models
 
 

@@ -6,7 +6,7 @@ Expected [results/render.py]: depends on your data; measured configs: docs/resul
 Other backbones and weights files: docs/pretrained.md. `:smoke` runs in about a minute on a tiny folder.
 """
 
-from configs import folder
+from siamese_jax.configs import folder
 from siamese_jax import models
 
 # Where model.pretrained points when the weights package is not installed: training then stops with one

@@ -7,7 +7,7 @@ Expected [results/render.py]: 214 min (53 + 57 + 31 + 73) of training on 2 CPU c
 One member alone: `--config=configs/omniglot_best_ensemble.py:<name>`, a name of MEMBERS. `:smoke`: two tiny members.
 """
 
-from configs import omniglot_best_single
+from siamese_jax.configs import omniglot_best_single
 from siamese_jax.modes import ensemble
 
 # Members in the order they are combined (a ConfigDict lists its keys sorted, so the names sort in this order;

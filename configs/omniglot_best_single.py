@@ -7,7 +7,7 @@ Expected [results/render.py]: 60 min of training on 2 CPU cores; figures in docs
 No time limit: a slower machine still finishes the schedule. `:smoke` runs in seconds.
 """
 
-from configs import omniglot_hour
+from siamese_jax.configs import omniglot_hour
 
 
 def recipe(*, seed: int, num_steps: int, rotations: bool, smoke: bool = False):

@@ -7,7 +7,7 @@ Expected [results/render.py]: 60 min of training on 2 CPU cores (step 13,388 of 
 resume with `--config.train.time_limit_minutes=0` to finish it. `:smoke` runs in seconds.
 """
 
-from configs import omniglot
+from siamese_jax.configs import omniglot
 
 
 def cpu_hour_recipe(arg: str | None = None):

@@ -6,7 +6,7 @@ Expected [results/render.py]: not measured; measured configs: docs/results.md.
 `:smoke` runs a few steps at 105x105 on a CPU.
 """
 
-from configs import omniglot
+from siamese_jax.configs import omniglot
 from siamese_jax import models
 
 

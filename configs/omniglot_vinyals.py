@@ -8,7 +8,7 @@ alphabet. Lake's runs are not scored: this split trains on characters of the alp
 Three such networks as one model: configs/omniglot_vinyals_ensemble.py. `:smoke` runs in seconds.
 """
 
-from configs import omniglot
+from siamese_jax.configs import omniglot
 
 
 def get_config(arg: str | None = None):

@@ -7,7 +7,7 @@ Expected [results/render.py]: 257 min (86 + 113 + 58) of training on 2 CPU cores
 One member alone: `--config=configs/omniglot_vinyals_ensemble.py:<name>`, a name of MEMBERS. `:smoke`: two tiny members.
 """
 
-from configs import omniglot_vinyals
+from siamese_jax.configs import omniglot_vinyals
 from siamese_jax.modes import ensemble
 
 # Members in the order they are combined (a ConfigDict lists its keys sorted, so the names sort in this order;

@@ -125,7 +125,7 @@ def koch_bce(embeddings: jax.Array, labels: jax.Array, pair_logits_fn: PairLogit
   """Koch et al. 2015: sigmoid cross-entropy on the model's weighted-L1 pair logit.
 
   The head (sigma(sum_j alpha_j |e1_j - e2_j|)) belongs to the model, so the train step passes it as
-  `pair_logits_fn` (this loss is in PAIR_HEAD_LOSSES; `train.setup` refuses a model without the head);
+  `pair_logits_fn` (this loss is in PAIR_HEAD_LOSSES; `training.setup` refuses a model without the head);
   the loss only knows that a positive logit means "same class".
   """
   _check_layout("koch_bce", embeddings, labels, k=2)

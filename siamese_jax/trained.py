@@ -40,8 +40,9 @@ from siamese_jax import models
 from siamese_jax.checkpoint import restore_variables, select_checkpoint
 from siamese_jax.data import pipeline, sources
 from siamese_jax.errors import UserError
-from siamese_jax.metrics import embedding, scoring
-from siamese_jax.workdir import CONFIG_FILENAME, ENSEMBLE_FILENAME, config_hash, read_config
+from siamese_jax.metrics import embedding, scoring, verification
+from siamese_jax.metrics.open_set import OPEN_SET_CALIBRATION_SPLITS, calibrate_gallery_threshold
+from siamese_jax.workdir import CONFIG_FILENAME, ENSEMBLE_FILENAME, config_hash, read_config, threshold_path
 
 INVERT_CHOICES = ("auto", "yes", "no")
 
@@ -66,6 +67,7 @@ class TrainedModel:
   scorer: scoring.Scorer  # the pair head's probability for a model with one, else the embedding distance
   config_hash: str
   members: tuple = ()  # an ensemble's member models; empty for one model
+  threshold: dict | None = None  # the calibrated threshold record (<workdir>/eval/threshold.json), if any
 
   @property
   def has_pair_head(self) -> bool:
@@ -88,20 +90,39 @@ class TrainedModel:
       return self.scorer
     return scoring.DISTANCE
 
-  def embed(self, images, *, batch_size: int | None = None, progress: bool = False) -> np.ndarray:
-    """float32 [N, D] embeddings of uint8 images [N, H, W, C] (or an ImageSource, read batch by batch).
+  def embed(self, images, *, invert: str | bool = "auto", batch_size: int | None = None,
+            progress: bool = False) -> np.ndarray:
+    """float32 [N, D] embeddings of images: arrays of any size and dtype, PIL images, file paths, a list
+    mixing them (`prepare_images`), or an ImageSource of the model's image shape (read batch by batch).
 
-    Arrays of another size or channel count are resized/converted to the model's input (see
-    `prepare_images`); an ImageSource must already have the model's image shape.
+    `invert` applies to files and PIL images: "auto" reads them as training read its files (Omniglot:
+    dark ink -> bright), "yes"/"no" (or a bool) decide. Arrays are the model's pixels, never inverted.
     """
     batch_size = batch_size or int(self.config.eval.batch_size)
-    if isinstance(images, np.ndarray) or not hasattr(images, "image_shape"):
-      images = prepare_images(images, self.image_shape)
-    elif tuple(images.image_shape) != self.image_shape:
-      raise UserError(f"images of shape {tuple(images.image_shape)}; this model takes {self.image_shape} "
-                      f"(data.image_size={self.image_shape[:2]}, data.channels={self.image_shape[2]}): load "
-                      "the source with that image_shape.")
+    if isinstance(images, sources.ImageSource):
+      if tuple(images.image_shape) != self.image_shape:
+        raise UserError(f"images of shape {tuple(images.image_shape)}; this model takes {self.image_shape} "
+                        f"(data.image_size={self.image_shape[:2]}, data.channels={self.image_shape[2]}): load "
+                        "the source with that image_shape.")
+    else:
+      images = prepare_images(images, self.image_shape, invert=resolve_invert(invert, self), resize=self.resize)
     return embedding.embed_images(self.embed_fn, self.variables, images, batch_size, progress)
+
+  def compare(self, image1, image2, *, invert: str | bool = "auto", threshold: float | None = None) -> Comparison:
+    """Two images (each anything `embed` takes, one image) compared: their embedding distance, the pair
+    head's probability for a model with one, and same/different at `threshold` (in the units of the
+    model's scoring: a distance, or a probability for a pair-head model) or else at the calibrated one."""
+    first, notes1 = _prepare(image1, self.image_shape, invert=resolve_invert(invert, self), resize=self.resize,
+                             name="image1")
+    second, notes2 = _prepare(image2, self.image_shape, invert=resolve_invert(invert, self), resize=self.resize,
+                              name="image2")
+    if len(first) != 1 or len(second) != 1:
+      raise UserError(f"compare takes one image each; got {len(first)} and {len(second)}.")
+    embeddings = embedding.embed_images(self.embed_fn, self.variables, np.concatenate([first, second]), 2, False)
+    probability = (float(self.scorer.pair_similarities(embeddings[:1], embeddings[1:])[0])
+                   if self.has_pair_head else None)
+    record = given_threshold(threshold, self.scorer.name) if threshold is not None else self.threshold
+    return decide(embeddings[0], embeddings[1], probability, record, notes1 + notes2)
 
   def describe(self) -> dict:
     return {"step": self.step, "path": str(self.checkpoint_dir), "selected_by": self.selected_by,
@@ -143,11 +164,14 @@ def load_trained_model(workdir: str | os.PathLike | None = None, *, checkpoint: 
   variables = (params, model_state)
   scorer = (scoring.pair_head_scorer(models.make_pair_score_fn(models.make_pair_logits_fn(graphdef), variables))
             if models.has_pair_head(model) else scoring.DISTANCE)
-  return TrainedModel(
+  model = TrainedModel(
       config=config, workdir=workdir_path, checkpoint_dir=step_dir, step=step, selected_by=selected_by,
       image_shape=image_shape, graphdef=graphdef, variables=variables,
       embed_fn=models.make_embed_fn(graphdef, int(config.eval.get("tta_shift_px", 0))),
       scorer=scorer, config_hash=config_hash(config))
+  run_dir = workdir_path if workdir_path is not None else step_dir.parent.parent  # <run>/checkpoints/<step>
+  model.threshold = load_threshold(run_dir, model)
+  return model
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,45 +220,216 @@ def load_ensemble(workdir: pathlib.Path, checkpoint: str = "best", config=None):
   scales = [scale for _, _, scale, _ in members]
   fingerprint = hashlib.sha256("".join(m.config_hash + f for m, f in zip(member_models, fingerprint_of))
                                .encode()).hexdigest()[:16]
-  return TrainedModel(
+  model = TrainedModel(
       config=first.config, workdir=workdir, checkpoint_dir=path, step=first.step,
       selected_by=f"ensemble of {len(member_models)} members", image_shape=first.image_shape, graphdef=None,
       variables=tuple(m.variables for m in member_models),
       embed_fn=combined_embed_fn([m.embed_fn for m in member_models], scales), scorer=scoring.DISTANCE,
       config_hash=fingerprint, members=tuple(member_models))
+  model.threshold = load_threshold(workdir, model)
+  return model
+
+
+# --------------------------------------------------------------------------------------------------
+# Same or different: the calibrated threshold and one decision
+
+
+@dataclasses.dataclass
+class Comparison:
+  """Two images compared (`TrainedModel.compare`)."""
+
+  distance: float  # Euclidean distance between the embeddings
+  probability: float | None  # the pair head's probability that they are the same, for a model with one
+  same: bool | None  # the decision at the threshold; None when the model has no calibrated threshold
+  threshold: float | None  # in the units of `scoring`
+  scoring: str | None  # "distance" or "pair_head": what the threshold applies to
+  notes: list[str]  # images resized or converted, a threshold calibrated for another checkpoint
+
+
+def given_threshold(threshold: float, scoring_name: str) -> dict:
+  """A threshold record for a threshold a user gives (a distance, or a pair-head probability)."""
+  record = {"scoring": scoring_name, "threshold": threshold}
+  return verification.threshold_record(verification.similarity_threshold(record), scoring_name, method="given")
+
+
+def load_threshold(workdir: str | os.PathLike, model, *, threshold: float | None = None,
+                   required: bool = False) -> dict | None:
+  """The threshold record to decide same/different with: `threshold` (in the units of the model's scoring)
+  if given, else `<workdir>/eval/threshold.json` (training writes it at its end; --mode=calibrate
+  rewrites it), else None (or an error when `required`)."""
+  scoring_name = model.scorer.name
+  if threshold is not None:
+    return given_threshold(threshold, scoring_name)
+  path = threshold_path(workdir)
+  if not path.is_file():
+    if required:
+      raise UserError(f"{path}: no calibrated threshold. Run `python launch.py --mode=calibrate "
+                      f"--workdir={workdir}` (or --mode=eval) first, or pass --threshold.")
+    return None
+  try:
+    record = json.loads(path.read_text())
+    verification.similarity_threshold(record)
+  except (OSError, ValueError, KeyError, TypeError) as error:
+    raise UserError(f"{path}: not a readable threshold record ({type(error).__name__}: {error}); write it "
+                    f"again with `python launch.py --mode=calibrate --workdir={workdir}`.") from error
+  if record.get("scoring") == "pair_head" and not model.has_pair_head:
+    raise UserError(f"{path}: calibrated on pair-head probabilities, but this model has no pair head; "
+                    "recalibrate with --mode=calibrate.")
+  if record.get("step") not in (None, model.step):
+    record["warning"] = (f"calibrated for the checkpoint at step {record.get('step')}, used with step "
+                         f"{model.step}; run --mode=calibrate with the same --checkpoint to recalibrate")
+  return record
+
+
+def decide(first: np.ndarray, second: np.ndarray, probability: float | None, record: dict | None,
+           notes: list[str]) -> Comparison:
+  """The `Comparison` of two embeddings at the threshold `record` (None: no decision)."""
+  distance = float(np.linalg.norm(np.asarray(first, np.float64) - np.asarray(second, np.float64)))
+  notes = list(notes)
+  if record is None:
+    notes.append("no calibrated threshold: training writes one at its end (or run --mode=calibrate); "
+                 "pass threshold= for a decision")
+    return Comparison(distance, probability, None, None, None, notes)
+  if record["scoring"] == "pair_head" and probability is None:
+    raise UserError("the threshold is a pair-head probability, but this model has no pair head.")
+  similarity = -distance if record["scoring"] == "distance" else probability
+  if "warning" in record:
+    notes.append(record["warning"])
+  return Comparison(distance, probability, bool(similarity >= verification.similarity_threshold(record)),
+                    float(record["threshold"]), record["scoring"], notes)
+
+
+def _calibration_split(splits) -> tuple[Any, str]:
+  if splits.validation is not None and len(splits.validation):
+    return splits.validation, "validation"
+  return splits.train, "train"  # no held-out classes: the best that is left (noted in the record)
+
+
+def calibrate(model: TrainedModel, splits, *, scoring: str = "auto", method: str = "max_accuracy",
+              target_far: float = 0.001, num_pairs: int = 10000, seed: int | None = None,
+              batch_size: int | None = None, progress: bool = False) -> dict:
+  """Calibrates the same/different threshold of `model` on validation pairs.
+
+  Returns the threshold record (`verification.threshold_record`) with the calibration rates and the
+  gallery threshold; `seed` defaults to the run's seed. Validation classes are never trained on, like
+  the classes the threshold will meet. `scoring`: auto | distance | pair_head (`TrainedModel.scorer_for`).
+  """
+  scorer = model.scorer_for(scoring)
+  seed = model.config.seed if seed is None else seed
+  source, split_name = _calibration_split(splits)
+  embeddings = model.embed(source, batch_size=batch_size, progress=progress)
+  pairs = verification.sample_pairs(source.labels, num_pairs=num_pairs, seed=seed)
+  similarities = scorer.indexed_pair_similarities(embeddings, pairs.first, pairs.second)
+  threshold = verification.calibrate_threshold(similarities, pairs.same, method, target_far)
+  rates = verification.rates_at_threshold(similarities, pairs.same, threshold)
+  return verification.threshold_record(
+      threshold, scorer.name, method=method, target_far=target_far if method == "far" else None,
+      calibrated_on=split_name, pairs=int(len(pairs.same)), seed=seed,
+      **{f"calibration_{name}": value for name, value in rates.items()},
+      **_open_set_calibration(embeddings, source.labels, scorer, seed),
+      step=model.step, checkpoint=str(model.checkpoint_dir), config_hash=model.config_hash)
+
+
+def _open_set_calibration(embeddings, labels, scorer: scoring.Scorer, seed: int) -> dict:
+  """The gallery threshold's fields of the threshold record (`open_set.calibrate_gallery_threshold`)."""
+  try:
+    threshold, report, num_known = calibrate_gallery_threshold(embeddings, labels, seed=seed, scorer=scorer)
+  except UserError as error:
+    return {"gallery_threshold_skipped": str(error)}
+  return {"gallery_threshold": scoring.similarity_for_people(threshold, scorer.name),
+          "gallery_threshold_classes": num_known, "gallery_calibration_splits": OPEN_SET_CALIBRATION_SPLITS,
+          **{f"gallery_calibration_{name}": report[name] for name in ("known_accuracy", "unknown_rejection_rate")}}
 
 
 # --------------------------------------------------------------------------------------------------
 # Images from arrays and files
 
 
-def prepare_images(images: Any, image_shape: tuple[int, int, int], *, name: str = "images") -> np.ndarray:
-  """uint8 [N, H, W, C] in the model's shape, from uint8 arrays of any size and 1, 3 or 4 channels.
+def to_uint8(array: np.ndarray, name: str = "images") -> np.ndarray:
+  """uint8 pixels from an array of another dtype, by what its values say; anything ambiguous is refused.
 
-  Accepted: [N, H, W, C], one image [H, W, C] (C in 1, 3, 4) or [H, W], a grayscale batch [N, H, W].
-  Other sizes are resized (LANCZOS, as the data sources do) and colour converted (RGB <-> gray; RGBA
-  onto white). Pixel values must be uint8 0..255, ink bright for Omniglot models (the model scales to
-  [0, 1] itself); anything else is explained, not guessed.
+  bool: True = 255. Floats: [0, 1] is scaled by 255; [0, 255] is taken as pixel values. uint16 (16-bit
+  PNGs): divided by 257. Other integers must lie in 0..255.
   """
-  array = np.asarray(images)
-  if array.dtype != np.uint8:
-    raise UserError(f"{name}: dtype {array.dtype}; expected uint8 pixels 0..255 (the model converts to "
-                    "[0, 1] itself). For floats in [0, 1] pass (x * 255).round().astype(np.uint8).")
+  if array.dtype == np.uint8:
+    return array
+  if array.dtype == np.bool_:
+    return array.astype(np.uint8) * 255
+  if array.dtype == np.uint16:
+    return (array // 257).astype(np.uint8)
+  if np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating):
+    low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    if np.issubdtype(array.dtype, np.floating):
+      if not np.isfinite([low, high]).all():
+        raise UserError(f"{name}: {array.dtype} values that are not finite (NaN or inf); expected pixels.")
+      if 0 <= low and high <= 1:
+        return np.round(array * 255).astype(np.uint8)
+    if 0 <= low and high <= 255:
+      return np.round(array).astype(np.uint8)
+    raise UserError(f"{name}: {array.dtype} values in [{low:g}, {high:g}]; expected pixels 0..255 (or floats in "
+                    "[0, 1]).")
+  raise UserError(f"{name}: dtype {array.dtype}; expected image pixels (uint8, or floats in [0, 1]).")
+
+
+def _as_image_array(array: np.ndarray, name: str, image_shape) -> np.ndarray:
+  """[N, H, W, C] from [N, H, W, C], one image [H, W, C] (C in 1, 3, 4) or [H, W], or a gray batch [N, H, W]."""
+  shape = array.shape
   if array.ndim == 2:
     array = array[None, :, :, None]
   elif array.ndim == 3:
     array = array[None] if array.shape[-1] in (1, 3, 4) else array[..., None]
   if array.ndim != 4 or array.shape[-1] not in (1, 3, 4) or 0 in array.shape[1:3]:
-    raise UserError(f"{name}: shape {np.asarray(images).shape}; expected [N, H, W, C] with C = 1, 3 or 4 "
-                    f"(this model takes {image_shape}).")
+    raise UserError(f"{name}: shape {shape}; expected [N, H, W, C] with C = 1, 3 or 4, one image [H, W, C] or "
+                    f"[H, W] (this model takes {tuple(image_shape)}).")
+  return array
+
+
+def _prepare(images: Any, image_shape: tuple[int, int, int], *, invert: bool, resize: str,
+             name: str) -> tuple[np.ndarray, list[str]]:
+  """(uint8 [N, H, W, C] in the model's shape, notes on files that were resized or converted)."""
+  if isinstance(images, (str, os.PathLike)):
+    image, note = load_image_file(images, image_shape, invert=invert, resize=resize)
+    return image[None], [note] if note else []
+  if isinstance(images, Image.Image):
+    return sources.convert_image(images, tuple(image_shape), invert=invert, resize=resize)[None], []
+  if isinstance(images, (list, tuple)):
+    if not images:
+      raise UserError(f"{name}: an empty list; expected images.")
+    parts = [_prepare(item, image_shape, invert=invert, resize=resize, name=f"{name}[{i}]")
+             for i, item in enumerate(images)]
+    return np.concatenate([array for array, _ in parts]), [note for _, notes in parts for note in notes]
+  try:
+    array = np.asarray(images)
+  except ValueError as error:  # e.g. nested sequences of different lengths
+    raise UserError(f"{name}: not an image array ({error}); pass a list of images of any sizes.") from error
+  if array.dtype == object:
+    raise UserError(f"{name}: a {type(images).__name__} numpy cannot read as pixels; expected arrays, PIL images, "
+                    "file paths or a list of them.")
+  array = _as_image_array(to_uint8(array, name), name, image_shape)
   if array.shape[1:] == tuple(image_shape):
-    return array
+    return array, []
   converted = np.empty((len(array), *image_shape), np.uint8)
   for i, image in enumerate(array):
     pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    converted[i] = sources.convert_image(pil, tuple(image_shape))
-  logging.info("%s: converted %d images of %s to the model's %s", name, len(array), array.shape[1:], image_shape)
-  return converted
+    converted[i] = sources.convert_image(pil, tuple(image_shape), resize=resize)
+  return converted, [f"{name}: {len(array)} images of {array.shape[1:]} resized/converted to the model's "
+                     f"{tuple(image_shape)}"]
+
+
+def prepare_images(images: Any, image_shape: tuple[int, int, int], *, invert: bool = False,
+                   resize: str = "stretch", name: str = "images") -> np.ndarray:
+  """uint8 [N, H, W, C] in the model's shape from arrays, PIL images, image file paths or a list of them.
+
+  Arrays: [N, H, W, C], one image [H, W, C] (C in 1, 3, 4) or [H, W], or a gray batch [N, H, W], of any
+  size and pixel dtype (`to_uint8`); they hold pixels as the model sees them (an Omniglot model: ink
+  bright) and are never inverted. Files and PIL images are decoded as training read its files:
+  `invert` flips dark ink to bright. Other sizes are resized by `resize` (data.resize; LANCZOS) and
+  colour converted (RGB <-> gray; transparency onto white). A list may mix kinds and sizes.
+  """
+  array, notes = _prepare(images, image_shape, invert=invert, resize=resize, name=name)
+  for note in notes:
+    logging.info("%s", note)
+  return array
 
 
 def resolve_invert(invert: str | bool, model: TrainedModel) -> bool:

@@ -12,7 +12,7 @@ import pathlib
 
 import pytest
 
-from configs import omniglot
+from siamese_jax.configs import omniglot
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(".".join(p.relative_to(CONFIG_DIR).with_suffix("").parts)
@@ -90,7 +90,7 @@ def test_ensemble_config_is_members_and_checkpoint(name):
 
 
 def test_the_default_of_each_config_is_what_its_name_promises():
-  from configs import omniglot_best_ensemble, omniglot_best_single, omniglot_hour, omniglot_vinyals
+  from siamese_jax.configs import omniglot_best_ensemble, omniglot_best_single, omniglot_hour, omniglot_vinyals
   hour, single = omniglot_hour.get_config(), omniglot_best_single.get_config()
   assert hour.loss.name == "triplet" and hour.train.time_limit_minutes == 60.0
   assert single.seed == 3 and single.data.train_class_rotations == (90, 180, 270)
@@ -128,7 +128,7 @@ def assert_changes_only(config, base, expected):
 def test_cpu_hour_ensemble_members_change_only_their_fields(member, expected):
   # The three members of configs/ablations/omniglot_best.py are the CPU-hour recipe plus these fields and
   # the time limit off; anything else changed would not be the ensemble that was measured.
-  from configs.ablations import omniglot_best, omniglot_cpu_hour
+  from siamese_jax.configs.ablations import omniglot_best, omniglot_cpu_hour
   assert_changes_only(omniglot_best.get_config(member), omniglot_cpu_hour.get_config(),
                       {**expected, "train.time_limit_minutes": 0.0})
 
@@ -144,14 +144,14 @@ def test_cpu_hour_ensemble_members_change_only_their_fields(member, expected):
 def test_best_ensemble_members_change_only_their_fields(member, expected):
   # The hour's triplet recipe with 120-way batches, the time limit off, and these fields; the split seed
   # stays 0, so every member is judged on the same validation classes.
-  from configs import omniglot_best_ensemble, omniglot_hour
+  from siamese_jax.configs import omniglot_best_ensemble, omniglot_hour
   assert_changes_only(omniglot_best_ensemble.get_config(member), omniglot_hour.get_config(),
                       {**expected, "sampling.m_per_class": 2, "sampling.classes_per_group": 20,
                        "train.time_limit_minutes": 0.0})
 
 
 def test_best_single_is_the_rotations_recipe_with_seed_3():
-  from configs import omniglot_best_ensemble, omniglot_best_single
+  from siamese_jax.configs import omniglot_best_ensemble, omniglot_best_single
   single, member = omniglot_best_single.get_config(), omniglot_best_ensemble.get_config("seed4_rotations")
   assert_changes_only(single, member, {"seed": 3})
 
@@ -162,14 +162,14 @@ def test_best_single_is_the_rotations_recipe_with_seed_3():
     ("run3_batches60x4", {"sampling.m_per_class": 4}),
 ])
 def test_vinyals_ensemble_members_change_only_their_fields(member, expected):
-  from configs import omniglot_vinyals, omniglot_vinyals_ensemble
+  from siamese_jax.configs import omniglot_vinyals, omniglot_vinyals_ensemble
   assert_changes_only(omniglot_vinyals_ensemble.get_config(member), omniglot_vinyals.get_config(), expected)
 
 
 def test_hour_is_the_cpu_hour_recipe_with_the_triplet_loss_and_head():
   # What was measured is exactly the prototype-loss CPU hour with the triplet config's loss and head.
-  from configs import omniglot_hour
-  from configs.ablations import omniglot_cpu_hour, omniglot_triplet
+  from siamese_jax.configs import omniglot_hour
+  from siamese_jax.configs.ablations import omniglot_cpu_hour, omniglot_triplet
   config, recipe, triplet = (omniglot_hour.get_config(), omniglot_cpu_hour.get_config(),
                              omniglot_triplet.get_config())
   assert omniglot_triplet.get_config("cpu_hour") == config

@@ -8,7 +8,7 @@ import json
 import ml_collections
 import pytest
 
-from siamese_jax import train
+from siamese_jax import training
 from siamese_jax.errors import UserError
 from siamese_jax.modes import ensemble
 from trained_workdir import smoke_config
@@ -27,13 +27,13 @@ def ensemble_config():
 def test_trains_every_member_then_combines_and_resumes(tmp_path, monkeypatch):
   config = ensemble_config()
   trained = []
-  real_train = train.train_and_evaluate
+  real_train = training.train_and_evaluate
 
   def spy(member_config, member_workdir):
     trained.append(member_workdir.name)
     return real_train(member_config, member_workdir)
 
-  monkeypatch.setattr(train, "train_and_evaluate", spy)
+  monkeypatch.setattr(training, "train_and_evaluate", spy)
   results = ensemble.train_ensemble(config, tmp_path, progress=False)
   assert trained == ["seed0", "seed1"]
   record = json.loads((tmp_path / "ensemble.json").read_text())

@@ -1,7 +1,7 @@
 """User mistakes give a specific UserError (file, class or field named, what was expected), never a deep
 JAX traceback; through `launch.py` they print `error: <message>` and exit 2.
 
-Most cases call `train.setup(config)`, which builds everything before training and so finds every
+Most cases call `training.setup(config)`, which builds everything before training and so finds every
 config and data mistake; a few go through `launch.py` as a subprocess to check the exit code and stderr.
 The tests run with 4 fake CPU devices (conftest.py).
 """
@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import folder as folder_config
-from configs import omniglot as omniglot_config
-from siamese_jax import train
+from siamese_jax.configs import folder as folder_config
+from siamese_jax.configs import omniglot as omniglot_config
+from siamese_jax import training
 from siamese_jax.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def folder_smoke(path: pathlib.Path) -> ml_collections.ConfigDict:
 
 def setup_error(config: ml_collections.ConfigDict) -> str:
   with pytest.raises(UserError) as error:
-    train.setup(config)
+    training.setup(config)
   return str(error.value)
 
 
@@ -264,7 +264,7 @@ def test_a_pair_head_that_no_loss_trains_is_refused():
   config.model.pair_head = False
   assert "model.name='conv4' lacks; set model.pair_head=True" in setup_error(config)
   config.model.pair_head = True
-  assert train.setup(config).state.params["head"]["kernel"].shape == (64, 1)  # 64 conv4 features at 28 px
+  assert training.setup(config).state.params["head"]["kernel"].shape == (64, 1)  # 64 conv4 features at 28 px
 
 
 # ------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from absl import flags
 from PIL import Image
 
 import launch
-from siamese_jax import checkpoint, models, train
+from siamese_jax import checkpoint, models, training
 from siamese_jax.data import pipeline
 from siamese_jax.errors import UserError
 from siamese_jax.metrics.episodes import episode_accuracies, sample_episodes, validation_accuracy
@@ -47,8 +47,24 @@ def workdir(tmp_path_factory) -> pathlib.Path:
 
 @pytest.fixture
 def own_workdir(workdir, tmp_path) -> pathlib.Path:
-  """A copy the test may write into (eval/ outputs, damaged checkpoints)."""
-  return copy_of(workdir, tmp_path / "run")
+  """A copy the test may write into (eval/ outputs, damaged checkpoints), without the threshold training
+  calibrated at its end: each test calibrates (or not) as it needs."""
+  copy = copy_of(workdir, tmp_path / "run")
+  (copy / "eval" / "threshold.json").unlink()
+  return copy
+
+
+def test_training_calibrates_the_threshold_at_its_end(workdir):
+  record = json.loads((workdir / "eval" / "threshold.json").read_text())
+  results = json.loads((workdir / "results.json").read_text())
+  model = load_trained_model(workdir)  # the best checkpoint: the one the threshold is for
+  assert record["calibrated_on"] == "validation" and record["step"] == model.step == results["threshold"]["step"]
+  assert record["scoring"] == "distance" and record["threshold"] > 0 and "gallery_threshold" in record
+  assert model.threshold["threshold"] == record["threshold"]
+  image = np.zeros((28, 28, 1), np.uint8)
+  compared = model.compare(image, image)  # one image twice: distance ~0, below any positive threshold
+  assert compared.same is True and compared.distance == pytest.approx(0.0, abs=1e-5)
+  assert compared.threshold == record["threshold"] and compared.scoring == "distance"
 
 
 def run_launch(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -230,11 +246,39 @@ def test_images_of_another_size_or_channels_are_resized_and_wrong_types_explaine
   assert prepare_images(rgb, (28, 28, 1)).shape == (2, 28, 28, 1)
   assert model.embed(rgb).shape == (2, 64)
   assert prepare_images(rgb[0, :, :, 0], (28, 28, 1)).shape == (1, 28, 28, 1)  # one [H, W] image
-  with pytest.raises(UserError, match=r"images: dtype float32; expected uint8 pixels 0..255 .* "
-                                      r"\(x \* 255\).round\(\).astype\(np.uint8\)"):
-    model.embed(rgb.astype(np.float32) / 255)
+  with pytest.raises(UserError, match=r"images: float32 values in \[-1, 2\]; expected pixels 0..255 \(or floats in "):
+    model.embed(np.array([[-1.0, 2.0]], np.float32)[None, :, :, None])
   with pytest.raises(UserError, match=r"shape \(2, 28, 28, 2\); expected \[N, H, W, C\] with C = 1, 3 or 4"):
     model.embed(np.zeros((2, 28, 28, 2), np.uint8))
+  with pytest.raises(UserError, match=r"images\[1\]: shape \(5,\); expected"):
+    model.embed([rgb[0], np.zeros(5, np.uint8)])
+
+
+def test_embed_takes_any_dtype_pil_images_paths_and_mixed_lists(workdir, tmp_path):
+  model = load_trained_model(workdir)
+  gray = np.random.default_rng(1).integers(0, 256, (3, 28, 28, 1), dtype=np.uint8)
+  reference = model.embed(gray)
+  # The same pixels in other dtypes: floats in [0, 1] (exact after * 255 for these values), 0..255 floats, int64.
+  np.testing.assert_array_equal(model.embed(gray.astype(np.float64) / 255), reference)
+  np.testing.assert_array_equal(model.embed(gray.astype(np.float32)), reference)
+  np.testing.assert_array_equal(model.embed(gray.astype(np.int64)), reference)
+  np.testing.assert_array_equal(model.embed(gray.astype(np.uint16) * 257), reference)  # 16-bit: / 257
+  # Files and PIL images are read as training read its files: invert="no" keeps the pixels as they are, so
+  # a lossless PNG of the pixels embeds exactly as the array does; "yes" flips them (255 - x).
+  # (Another batch size may round float32 differently in the last bit: 1e-5 is far below any real change.)
+  path = tmp_path / "a.png"
+  Image.fromarray(gray[0, :, :, 0]).save(path)
+  close = lambda actual, desired: np.testing.assert_allclose(actual, desired, rtol=0, atol=1e-5)
+  close(model.embed(path, invert="no"), reference[:1])
+  close(model.embed(Image.open(path), invert="no"), reference[:1])
+  close(model.embed(str(path), invert="yes"), model.embed(255 - gray[:1]))
+  assert np.abs(model.embed(str(path), invert="yes") - reference[:1]).max() > 1e-2
+  # A list mixes kinds and sizes; each item is converted on its own, in order.
+  big = np.asarray(Image.fromarray(gray[2, :, :, 0]).resize((56, 56), Image.Resampling.LANCZOS))
+  mixed = model.embed([gray[0], Image.open(path), big], invert="no")
+  assert mixed.shape == (3, 64)
+  close(mixed[:2], reference[[0, 0]])
+  close(mixed[2], model.embed(big)[0])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -431,14 +475,14 @@ def test_empty_gallery_class_and_gallery_without_classes_are_explained(own_workd
 def koch_workdir(tmp_path_factory) -> pathlib.Path:
   """A Koch network (65x65, the smallest its valid convolutions take; 32-d features) on synthetic data,
   saved untrained at step 0 with its config: restoring and scoring do not need a trained one."""
-  from configs import omniglot_koch
+  from siamese_jax.configs import omniglot_koch
   workdir = tmp_path_factory.mktemp("koch")
   config = omniglot_koch.get_config("smoke")
   config.data.source = "synthetic"
   config.data.synthetic_classes = 40
   config.data.image_size = 65
   config.model.embedding_dim = 32
-  built = train.setup(config)
+  built = training.setup(config)
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   saver = checkpoint.Checkpointer(workdir / "checkpoints", asynchronous=False)
   saver.save(0, built.state, {}, {}, force=True)
@@ -479,9 +523,9 @@ def test_training_report_scores_a_koch_model_with_its_head_like_eval_mode(koch_w
   model = load_trained_model(koch_workdir)
   config = model.config
   config.eval.test_ways, config.eval.test_shots, config.eval.test_episodes = (5,), (1,), 20
-  built = train.setup(config)  # the same seed rebuilds the saved step-0 state
+  built = training.setup(config)  # the same seed rebuilds the saved step-0 state
   embed_fn = models.make_embed_fn(built.graphdef)
-  report = train.final_report(embed_fn, built.state, built.splits, config, step=0,
+  report = training.final_report(embed_fn, built.state, built.splits, config, step=0,
                               scorer=built.scorer(built.state))
   by_eval = evaluate_workdir(koch_workdir, ways=(5,), shots=(1,), num_episodes=20, num_pairs=200,
                              progress=False)
@@ -489,7 +533,7 @@ def test_training_report_scores_a_koch_model_with_its_head_like_eval_mode(koch_w
   assert "skipped" in report["episodes"]["within"]["5way1shot"]
   assert report["episodes"]["unstructured"]["5way1shot"]["mean"] == pytest.approx(
       by_eval["episodes"]["unstructured"]["5way1shot"]["mean"])
-  by_distance = train.final_report(embed_fn, built.state, built.splits, config, step=0, scorer=scoring.DISTANCE)
+  by_distance = training.final_report(embed_fn, built.state, built.splits, config, step=0, scorer=scoring.DISTANCE)
   assert by_distance["episodes"] != report["episodes"]
 
 
@@ -498,11 +542,11 @@ def test_validation_of_a_pair_head_model_compiles_its_head_once(koch_workdir):
   # setup and reused, so a second validation on other parameters compiles nothing (counted with jax's
   # public compile-time events). A model without a head has none (it is scored by distance).
   config = load_trained_model(koch_workdir).config
-  built = train.setup(config)
+  built = training.setup(config)
   embed_fn = models.make_embed_fn(built.graphdef)
   later = built.state.replace(params=jax.tree.map(lambda x: x * 1.5, built.state.params))
   def validate(state):
-    return train.validation_accuracy(embed_fn, state, built.splits.validation, config.eval, seed=0,
+    return training.validation_accuracy(embed_fn, state, built.splits.validation, config.eval, seed=0,
                                      scorer=built.scorer(state))
   compiles = []
   def count(event, seconds, **kwargs):
@@ -522,7 +566,7 @@ def test_validation_of_a_pair_head_model_compiles_its_head_once(koch_workdir):
   assert first == pytest.approx(validation_accuracy(
       model.embed(validation), built.splits.validation, config.eval, 0, model.scorer))
   config.model.name, config.loss.name = "conv4", "contrastive"  # the same pair batches, no head
-  assert train.setup(config).pair_probability is None
+  assert training.setup(config).pair_probability is None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -535,7 +579,7 @@ def narrow_workdir(tmp_path_factory) -> pathlib.Path:
   workdir = tmp_path_factory.mktemp("narrow") / "run"
   config = smoke_config()
   config.model.width = 32
-  train.train_and_evaluate(config, workdir)
+  training.train_and_evaluate(config, workdir)
   return workdir
 
 
@@ -620,7 +664,7 @@ def test_bad_ensembles_are_explained(workdir, narrow_workdir, koch_workdir, tmp_
   code, _, err = run_launch(["--mode=ensemble", f"--workdir={tmp_path / 'other'}"], capsys)
   assert error_line(code, err) == "error: --mode=ensemble needs --members."
   with pytest.raises(UserError, match="holds an ensemble .*ensemble.json.*train into a workdir of its own"):
-    train.train_and_evaluate(smoke_config(), target)
+    training.train_and_evaluate(smoke_config(), target)
   assert sorted(p.name for p in target.iterdir()) == ["ensemble.json"]
 
 

@@ -18,15 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from siamese_jax import checkpoint, train
+from siamese_jax import checkpoint, training
 from siamese_jax.writers import read_metrics
 from test_multiprocess import (OVERRIDES, REPO, largest_difference, make_config, read_state, worker_command,
                                worker_environment)
 
 NUM_STEPS = 16
 # Adam with warm-up and a cosine schedule: a resume must restore the optimizer's moments and count too.
-KILL_OVERRIDES = {"train.num_steps": NUM_STEPS, "train.checkpoint_every": 4, "train.log_every": 2,
-                  "train.eval_every": 8, "parallel.num_devices": 1, "optim.name": "adam",
+KILL_OVERRIDES = {"training.num_steps": NUM_STEPS, "training.checkpoint_every": 4, "training.log_every": 2,
+                  "training.eval_every": 8, "parallel.num_devices": 1, "optim.name": "adam",
                   "optim.learning_rate": 1e-3, "optim.schedule": "cosine", "optim.warmup_steps": 2}
 
 
@@ -123,7 +123,7 @@ def test_repeated_kill_then_resume_equals_uninterrupted(tmp_path, uninterrupted)
 
 def poison_step(monkeypatch, bad_step: int) -> None:
   """Makes the loss (and so every gradient) NaN in the update that produces step `bad_step`."""
-  original = train.train_step
+  original = training.train_step
 
   def poisoned(state, batch, *, loss_fn, **kwargs):
     def loss_with_nan(*inputs, **options):
@@ -131,12 +131,12 @@ def poison_step(monkeypatch, bad_step: int) -> None:
       return loss * jnp.where(state.step + 1 == bad_step, jnp.nan, 1.0), metrics
     return original(state, batch, loss_fn=loss_with_nan, **kwargs)
 
-  monkeypatch.setattr(train, "train_step", poisoned)
+  monkeypatch.setattr(training, "train_step", poisoned)
 
 
 def nonfinite_config(**overrides):
-  settings = {"train.num_steps": 8, "train.log_every": 4, "train.checkpoint_every": 3, "train.eval_every": 0,
-              "train.max_checkpoints": 10}
+  settings = {"training.num_steps": 8, "training.log_every": 4, "training.checkpoint_every": 3, "training.eval_every": 0,
+              "training.max_checkpoints": 10}
   return make_config({**OVERRIDES, **settings, **overrides})
 
 
@@ -150,21 +150,21 @@ def test_nonfinite_loss_stops_with_its_step_and_is_never_saved(tmp_path, monkeyp
   # explicit fetches happen only at log and checkpoint steps (3, 4, then 6, where the NaN is seen).
   with jax.transfer_guard_device_to_host("disallow"):
     with pytest.raises(FloatingPointError, match=f"non-finite loss or gradient at step {bad_step} "):
-      train.train_and_evaluate(nonfinite_config(), tmp_path)
+      training.train_and_evaluate(nonfinite_config(), tmp_path)
   assert len(fetches) == 3
   assert checkpoint.complete_steps(tmp_path / "checkpoints") == [3]
-  saved = read_state(tmp_path, {"train.max_checkpoints": 10})
+  saved = read_state(tmp_path, {"training.max_checkpoints": 10})
   assert int(saved.step) == 3
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(saved))
 
 
 def test_skip_nonfinite_updates_leaves_the_state_unchanged(tmp_path, monkeypatch, caplog):
   poison_step(monkeypatch, 5)
-  config = nonfinite_config(**{"train.skip_nonfinite_updates": True, "train.checkpoint_every": 1})
-  results = train.train_and_evaluate(config, tmp_path)
+  config = nonfinite_config(**{"training.skip_nonfinite_updates": True, "training.checkpoint_every": 1})
+  results = training.train_and_evaluate(config, tmp_path)
   assert results["step"] == 8
   assert "Skipped 1 update(s) with a non-finite loss or gradient, at step(s) 5" in caplog.text
-  states = {step: read_state(tmp_path, {"train.max_checkpoints": 10}, step=step) for step in (4, 5, 6)}
+  states = {step: read_state(tmp_path, {"training.max_checkpoints": 10}, step=step) for step in (4, 5, 6)}
   for part in ("params", "model_state", "opt_state"):
     jax.tree.map(np.testing.assert_array_equal, getattr(states[5], part), getattr(states[4], part))
   assert largest_difference(states[6].params, states[5].params) > 1e-4  # training went on

@@ -5,7 +5,7 @@ resumes from its checkpoint and ends exactly where an uninterrupted one does; on
 and when one process dies the other exits with a clear error within a bounded time instead of hanging.
 
 This file is also the worker those tests start (`python tests/test_multiprocess.py --process_id=...`):
-`distributed.initialize(...)`, then `train.train_and_evaluate(config, workdir)` on the synthetic smoke
+`distributed.initialize(...)`, then `training.train_and_evaluate(config, workdir)` on the synthetic smoke
 config, with hooks that make a process signal or kill itself at a given step. tests/test_faults.py
 starts it too, as a single process.
 """
@@ -32,15 +32,15 @@ NUM_STEPS = 8
 # in near-zero gradients into full steps; one device vs four differ the same way), so the comparison runs
 # a narrow model with plain SGD, where they stay near 1e-7 while the weights move by 1e-2.
 OVERRIDES = {
-    "data.source": "synthetic", "eval.lake_runs": False, "model.width": 8, "train.num_steps": NUM_STEPS,
-    "train.log_every": 2, "train.checkpoint_every": 4, "train.eval_every": 4,
+    "data.source": "synthetic", "eval.lake_runs": False, "model.width": 8, "training.num_steps": NUM_STEPS,
+    "training.log_every": 2, "training.checkpoint_every": 4, "training.eval_every": 4,
     "optim.name": "sgd", "optim.learning_rate": 0.01, "optim.momentum": 0.0, "optim.schedule": "constant",
     "optim.warmup_steps": 0,
 }
 
 
 def make_config(overrides: dict):
-  from configs import omniglot
+  from siamese_jax.configs import omniglot
   config = omniglot.get_config("smoke")
   for key, value in overrides.items():
     *path, field = key.split(".")
@@ -74,7 +74,7 @@ def worker_main(argv: list[str]) -> None:
   sys.path.insert(0, str(REPO))
   import jax
   jax.config.update("jax_num_cpu_devices", args.devices)
-  from siamese_jax import checkpoint, distributed, train
+  from siamese_jax import checkpoint, distributed, training
   from siamese_jax.errors import UserError
 
   if args.num_processes > 1:
@@ -89,7 +89,7 @@ def worker_main(argv: list[str]) -> None:
       overrides[key] = value
   config = make_config(overrides)
 
-  agree_to_stop = train.agree_to_stop
+  agree_to_stop = training.agree_to_stop
 
   def agree_to_stop_with_faults(step, every, *requests):  # called once per step, after the step
     if step == args.signal_at_step:
@@ -99,7 +99,7 @@ def worker_main(argv: list[str]) -> None:
       os.kill(os.getpid(), signal.SIGKILL)
     return agree_to_stop(step, every, *requests)
 
-  train.agree_to_stop = agree_to_stop_with_faults
+  training.agree_to_stop = agree_to_stop_with_faults
   save = checkpoint.Checkpointer.save
 
   def save_then_die(self, step, *args_, **kwargs):
@@ -109,7 +109,7 @@ def worker_main(argv: list[str]) -> None:
 
   checkpoint.Checkpointer.save = save_then_die
   try:
-    results = train.train_and_evaluate(config, args.workdir)
+    results = training.train_and_evaluate(config, args.workdir)
   except distributed.PeerFailure as error:
     distributed.exit_after_peer_failure(error)
   except UserError as error:
@@ -178,11 +178,11 @@ def finish(processes, timeout: float = 150) -> list[tuple[int, str, str]]:
 
 def read_state(workdir, overrides: dict | None = None, step: int | None = None):
   """The train state of the newest (or given) checkpoint, restored the way a resume restores it."""
-  from siamese_jax import checkpoint, train
+  from siamese_jax import checkpoint, training
   config = make_config(dict(OVERRIDES, **(overrides or {})))
   checkpointer = checkpoint.Checkpointer(pathlib.Path(workdir) / "checkpoints", asynchronous=False)
   try:
-    abstract = checkpoint.abstract_like(train.setup(config).state)
+    abstract = checkpoint.abstract_like(training.setup(config).state)
     if step is None:
       restored = checkpointer.restore_latest(abstract)
       assert restored is not None, f"no checkpoint in {workdir}"
@@ -256,9 +256,9 @@ def test_initialize_without_a_coordinator_fails_in_bounded_time(no_distributed_e
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
   """The reference: one process, 4 devices (conftest), the same global batch; trained in this process."""
-  from siamese_jax import train
+  from siamese_jax import training
   workdir = tmp_path_factory.mktemp("one_process")
-  train.train_and_evaluate(make_config(OVERRIDES), workdir)
+  training.train_and_evaluate(make_config(OVERRIDES), workdir)
   return workdir
 
 

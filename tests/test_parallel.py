@@ -4,15 +4,15 @@ import jax
 import numpy as np
 import pytest
 
-from configs import omniglot
-from siamese_jax import models, train
+from siamese_jax.configs import omniglot
+from siamese_jax import models, training
 from siamese_jax.data import pipeline
 
 
 def run_steps(config, num_steps: int):
   """Trains `num_steps` steps with the config's parallel strategy; returns the canonical final state."""
-  built = train.setup(config)
-  step_fn = built.parallel.wrap_step(train.bind_train_step(built, config))
+  built = training.setup(config)
+  step_fn = built.parallel.wrap_step(training.bind_train_step(built, config))
   state = built.parallel.put_state(built.state)
   dataset = pipeline.train_dataset(built.splits.train, built.sampler, num_steps=num_steps)
   metrics = None
@@ -64,7 +64,7 @@ def test_strategies_match_one_device(case):
     config.parallel.num_devices = devices
     results[name] = run_steps(config, num_steps=3)
   reference_state, reference_metrics = results["one"]
-  initial = train.setup(synthetic_config(loss, kind, **options)).state
+  initial = training.setup(synthetic_config(loss, kind, **options)).state
   # The parameters moved (so equality below is not trivially about untouched weights)...
   moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
                        reference_state.params, jax.device_get(initial.params))
@@ -112,7 +112,7 @@ def test_fine_tuning_strategies_match():
     config.parallel.num_devices = devices
     results[name] = run_steps(config, num_steps=3)
   reference, _ = results["one"]
-  initial = jax.device_get(train.setup(fine_tuning_config()).state)
+  initial = jax.device_get(training.setup(fine_tuning_config()).state)
   # The third step moved the frozen stages (unfrozen after one step), and the later stages too.
   for stage in ("layer1", "layer4"):
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()),
@@ -142,7 +142,7 @@ def test_frozen_stages_stay_frozen_with_every_loss(case):
   config = fine_tuning_config(loss, kind, **options)
   config.optim.unfreeze_after_steps = 0
   state, metrics = run_steps(config, num_steps=2)
-  initial = jax.device_get(train.setup(fine_tuning_config(loss, kind, **options)).state)
+  initial = jax.device_get(training.setup(fine_tuning_config(loss, kind, **options)).state)
   assert np.isfinite(metrics["loss"])
   for stage in ("stem", "layer1"):
     jax.tree.map(np.testing.assert_array_equal, state.params["backbone"][stage], initial.params["backbone"][stage])

@@ -20,8 +20,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import dm_pix as pix
-from configs import omniglot as omniglot_config
-from siamese_jax import augment, train
+from siamese_jax.configs import omniglot as omniglot_config
+from siamese_jax import augment, training
 from siamese_jax.data import pipeline, sources
 from siamese_jax.errors import UserError
 
@@ -191,11 +191,11 @@ def test_augment_examples_photo_is_the_same_on_one_and_four_devices():
   images = random_uint8((8, 2, 16, 16, 3))
   config = photo_config()
   step_key = jax.random.key(9)
-  whole = np.asarray(jax.jit(lambda x: train.augment_examples(step_key, jnp.arange(8), x, config))(images))
+  whole = np.asarray(jax.jit(lambda x: training.augment_examples(step_key, jnp.arange(8), x, config))(images))
 
   def per_device(images):
     ids = jax.lax.axis_index("data") * 2 + jnp.arange(2)
-    return train.augment_examples(step_key, ids, images, config)
+    return training.augment_examples(step_key, ids, images, config)
 
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   sharded = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=P("data"), out_specs=P("data"),
@@ -209,7 +209,7 @@ def test_a_saved_config_without_kind_is_affine():
   old = ml_collections.ConfigDict({name: value for name, value in augment.default_config().items()
                                    if name == "enabled" or name in augment.AFFINE_FIELDS})
   images = random_uint8((4, 2, 12, 12, 1))
-  run = lambda config: np.asarray(jax.jit(lambda x: train.augment_examples(jax.random.key(3), jnp.arange(4), x,
+  run = lambda config: np.asarray(jax.jit(lambda x: training.augment_examples(jax.random.key(3), jnp.arange(4), x,
                                                                            config))(images))
   expected = run(augment.default_config())
   np.testing.assert_array_equal(run(old), expected)

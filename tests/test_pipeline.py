@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from configs import omniglot as omniglot_config
+from siamese_jax.configs import omniglot as omniglot_config
 from siamese_jax.data import pipeline, sampling, sources
 from siamese_jax.errors import UserError
 

@@ -88,7 +88,7 @@ def test_folder_pretrained_smoke_resumes_bit_identical_and_evaluates(photo_folde
   jax.tree.map(np.testing.assert_array_equal, actual, expected)
 
   # The frozen stages (stem .. stage5) kept their ImageNet values; stage6 and the projection moved.
-  from configs import folder_pretrained
+  from siamese_jax.configs import folder_pretrained
   config = folder_pretrained.get_config("smoke")
   model = models.create(config.model, image_shape=(48, 48, 3), rngs=nnx.Rngs(0))
   models.load_pretrained(model, config.model)
@@ -112,8 +112,8 @@ def test_folder_pretrained_smoke_resumes_bit_identical_and_evaluates(photo_folde
 
 @pytest.mark.parametrize("problem", ["another architecture", "a corrupt file", "not a weights file"])
 def test_bad_weights_stop_with_one_line_before_anything_is_written(photo_folder, tmp_path, problem):
-  from configs import folder_pretrained
-  from siamese_jax import train
+  from siamese_jax.configs import folder_pretrained
+  from siamese_jax import training
   config = folder_pretrained.get_config("smoke")
   config.data.path = str(photo_folder)
   config.data.split = "image"
@@ -131,6 +131,6 @@ def test_bad_weights_stop_with_one_line_before_anything_is_written(photo_folder,
     config.model.pretrained = str(damaged)
   workdir = tmp_path / "run"
   with pytest.raises(UserError, match=expected) as error:
-    train.train_and_evaluate(config, workdir)
+    training.train_and_evaluate(config, workdir)
   assert "\n" not in str(error.value)
   assert not workdir.exists() or not any(workdir.iterdir())

@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import kill_at_checkpoint
-from siamese_jax.train import LoopState, collapse_warning
+from siamese_jax.training import LoopState, collapse_warning
 from siamese_jax.writers import MetricWriter, read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -8,8 +8,8 @@
 import pathlib
 import shutil
 
-from configs import omniglot as omniglot_config
-from siamese_jax import train
+from siamese_jax.configs import omniglot as omniglot_config
+from siamese_jax import training
 
 SYNTHETIC_CLASSES = 100
 TEST_CLASSES = 20
@@ -33,7 +33,7 @@ def trained_workdir(tmp_path_factory) -> pathlib.Path:
   workdir = tmp_path_factory.getbasetemp() / "trained_synthetic_smoke"
   if not (workdir / "results.json").exists():
     shutil.rmtree(workdir, ignore_errors=True)
-    train.train_and_evaluate(smoke_config(), workdir)
+    training.train_and_evaluate(smoke_config(), workdir)
   return workdir
 
 

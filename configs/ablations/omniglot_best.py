@@ -7,7 +7,7 @@ Expected [results/render.py]: 145 min (52 + 59 + 34) of training on 2 CPU cores;
 One member alone: `--config=configs/ablations/omniglot_best.py:<name>`, a name of MEMBERS. `:smoke`: two tiny members.
 """
 
-from configs.ablations import omniglot_cpu_hour
+from siamese_jax.configs.ablations import omniglot_cpu_hour
 from siamese_jax.modes import ensemble
 
 # Members in the order they are combined (a ConfigDict lists its keys sorted, so the names sort in this order;

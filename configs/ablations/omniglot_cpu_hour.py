@@ -6,7 +6,7 @@ Alphabet batches (16 classes from each of 3 alphabets), +-3 px shifts in trainin
 stopped (and checkpointed) at 60 minutes of training. `:smoke` runs in seconds.
 """
 
-from configs import omniglot_hour
+from siamese_jax.configs import omniglot_hour
 
 
 def get_config(arg: str | None = None):

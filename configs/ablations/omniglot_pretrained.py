@@ -6,7 +6,7 @@ Same data, loss and training minutes as configs/omniglot.py; `:frozen` trains on
 backbone, `:finetune` then all weights too (backbone at a tenth of the lr). `:smoke` runs in seconds.
 """
 
-from configs import folder_pretrained, omniglot
+from siamese_jax.configs import folder_pretrained, omniglot
 from siamese_jax import models
 
 

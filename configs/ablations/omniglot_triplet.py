@@ -5,7 +5,7 @@ Expected [results/render.py]: 16.2 min of training on 2 CPU cores; figures in do
 `:cpu_hour` is the same loss on the hour's recipe: configs/omniglot_hour.py itself. `:smoke` runs in seconds.
 """
 
-from configs import omniglot, omniglot_hour
+from siamese_jax.configs import omniglot, omniglot_hour
 
 
 def get_config(arg: str | None = None):

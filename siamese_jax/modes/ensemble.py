@@ -30,7 +30,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from siamese_jax import distributed, train
+from siamese_jax import distributed, training
 from siamese_jax.data import pipeline
 from siamese_jax.errors import UserError
 from siamese_jax.metrics.episodes import validation_accuracy
@@ -171,7 +171,7 @@ def train_ensemble(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
   for name, member_dir in members.items():
     if (member_dir / RESULTS_FILENAME).is_file():  # a finished training run's report
       continue
-    results = train.train_and_evaluate(config.members[name], member_dir)
+    results = training.train_and_evaluate(config.members[name], member_dir)
     if results.get("preempted"):
       return {**results, "member": name}
   results = {}

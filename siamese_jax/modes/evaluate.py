@@ -16,56 +16,12 @@ from siamese_jax.data import pipeline
 from siamese_jax.errors import UserError
 from siamese_jax.metrics.episodes import check_episode_settings
 from siamese_jax.one_shot import one_shot_results
-from siamese_jax.metrics.open_set import (OPEN_SET_CALIBRATION_SPLITS, calibrate_gallery_threshold,
-                                          open_set_report, open_set_split)
+from siamese_jax.metrics.open_set import open_set_report, open_set_split
 from siamese_jax.metrics.retrieval import gallery_class_similarities, retrieval_metrics
-from siamese_jax.metrics.scoring import Scorer, similarity_for_people
-from siamese_jax.metrics.verification import (calibrate_threshold, rates_at_threshold, sample_pairs,
-                                              similarity_threshold, threshold_record, verification_report)
-from siamese_jax.trained import TrainedModel, load_trained_model
+from siamese_jax.metrics.scoring import similarity_for_people
+from siamese_jax.metrics.verification import sample_pairs, similarity_threshold, verification_report
+from siamese_jax.trained import calibrate, load_trained_model
 from siamese_jax.workdir import EVAL_DIRNAME, RESULTS_FILENAME, THRESHOLD_FILENAME, threshold_path, write_json
-
-
-def _calibration_split(splits) -> tuple[Any, str]:
-  if splits.validation is not None and len(splits.validation):
-    return splits.validation, "validation"
-  return splits.train, "train"  # no held-out classes: the best that is left (noted in the record)
-
-
-def calibrate(model: TrainedModel, splits, *, scoring: str = "auto", method: str = "max_accuracy",
-              target_far: float = 0.001, num_pairs: int = 10000, seed: int | None = None,
-              batch_size: int | None = None, progress: bool = False) -> dict:
-  """Calibrates the same/different threshold of `model` on validation pairs.
-
-  Returns the threshold record (`verification.threshold_record`) with the calibration rates and the
-  gallery threshold; `seed` defaults to the run's seed. Validation classes are never trained on, like
-  the classes the threshold will meet. `scoring`: auto | distance | pair_head (`TrainedModel.scorer_for`).
-  """
-  scorer = model.scorer_for(scoring)
-  seed = model.config.seed if seed is None else seed
-  source, split_name = _calibration_split(splits)
-  embeddings = model.embed(source, batch_size=batch_size, progress=progress)
-  pairs = sample_pairs(source.labels, num_pairs=num_pairs, seed=seed)
-  similarities = scorer.indexed_pair_similarities(embeddings, pairs.first, pairs.second)
-  threshold = calibrate_threshold(similarities, pairs.same, method, target_far)
-  rates = rates_at_threshold(similarities, pairs.same, threshold)
-  return threshold_record(
-      threshold, scorer.name, method=method, target_far=target_far if method == "far" else None,
-      calibrated_on=split_name, pairs=int(len(pairs.same)), seed=seed,
-      **{f"calibration_{name}": value for name, value in rates.items()},
-      **_open_set_calibration(embeddings, source.labels, scorer, seed),
-      step=model.step, checkpoint=str(model.checkpoint_dir), config_hash=model.config_hash)
-
-
-def _open_set_calibration(embeddings, labels, scorer: Scorer, seed: int) -> dict:
-  """The gallery threshold's fields of the threshold record (`open_set.calibrate_gallery_threshold`)."""
-  try:
-    threshold, report, num_known = calibrate_gallery_threshold(embeddings, labels, seed=seed, scorer=scorer)
-  except UserError as error:
-    return {"gallery_threshold_skipped": str(error)}
-  return {"gallery_threshold": similarity_for_people(threshold, scorer.name),
-          "gallery_threshold_classes": num_known, "gallery_calibration_splits": OPEN_SET_CALIBRATION_SPLITS,
-          **{f"gallery_calibration_{name}": report[name] for name in ("known_accuracy", "unknown_rejection_rate")}}
 
 
 def calibrate_workdir(workdir: str | pathlib.Path, *, checkpoint: str = "best", config=None,

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 import pathlib
 from typing import Any
@@ -15,64 +14,30 @@ from siamese_jax.errors import UserError
 from siamese_jax.metrics.open_set import open_set_report
 from siamese_jax.metrics.retrieval import GALLERY_METHODS, gallery_class_similarities
 from siamese_jax.metrics.scoring import similarity_for_people
-from siamese_jax.metrics.verification import similarity_threshold, threshold_record
-from siamese_jax.trained import (TrainedModel, load_gallery, load_image_file, load_queries, load_trained_model,
-                                 resolve_invert)
-from siamese_jax.workdir import EVAL_DIRNAME, threshold_path
+from siamese_jax.metrics.verification import similarity_threshold
+from siamese_jax.trained import load_gallery, load_queries, load_threshold, load_trained_model, resolve_invert
+from siamese_jax.workdir import EVAL_DIRNAME
 
 PRINTED_PREDICTIONS = 20  # gallery/openset summaries list this many predictions; the CSV has them all
-
-
-def load_threshold(workdir: str | os.PathLike, model: TrainedModel, *, threshold: float | None = None,
-                   required: bool = False) -> dict | None:
-  """The threshold record to decide same/different with: `threshold` (in the model's default scoring's
-  units) if given, else `<workdir>/eval/threshold.json`, else None (or an error when `required`)."""
-  scoring = model.scorer.name
-  if threshold is not None:
-    return threshold_record(similarity_threshold({"scoring": scoring, "threshold": threshold}), scoring,
-                            method="given")
-  path = threshold_path(workdir)
-  if not path.is_file():
-    if required:
-      raise UserError(f"{path}: no calibrated threshold. Run `python launch.py --mode=calibrate "
-                      f"--workdir={workdir}` (or --mode=eval) first, or pass --threshold.")
-    return None
-  record = json.loads(path.read_text())
-  if record.get("scoring") == "pair_head" and not model.has_pair_head:
-    raise UserError(f"{path}: calibrated on pair-head probabilities, but this model has no pair head; "
-                    "recalibrate with --mode=calibrate.")
-  if record.get("step") not in (None, model.step):
-    record["warning"] = (f"calibrated for the checkpoint at step {record.get('step')}, used with step "
-                         f"{model.step}; run --mode=calibrate with the same --checkpoint to recalibrate")
-  return record
 
 
 def compare_images(workdir: str | os.PathLike, image1: str | os.PathLike, image2: str | os.PathLike, *,
                    checkpoint: str = "best", config=None, invert: str | bool = "auto",
                    threshold: float | None = None) -> dict:
-  """Distance (and pair-head probability) of two image files, and the decision at the calibrated threshold."""
+  """Distance (and pair-head probability) of two image files, and the decision at the calibrated threshold
+  (`TrainedModel.compare`), as a mapping to print."""
   model = load_trained_model(workdir, checkpoint=checkpoint, config=config)
-  flip = resolve_invert(invert, model)
-  (first, note1), (second, note2) = (load_image_file(p, model.image_shape, invert=flip, resize=model.resize)
-                                          for p in (image1, image2))
-  embeddings = model.embed(np.stack([first, second]))
-  distance = float(np.linalg.norm(embeddings[0].astype(np.float64) - embeddings[1]))
-  result: dict[str, Any] = {"image1": str(image1), "image2": str(image2), "distance": distance,
-                            "step": model.step, "notes": [n for n in (note1, note2) if n]}
-  if model.has_pair_head:
-    result["probability"] = float(model.scorer.pair_similarities(embeddings[:1], embeddings[1:])[0])
-  record = load_threshold(workdir, model, threshold=threshold)
-  if record is None:
-    result["decision"] = None
-    result["notes"].append(f"no calibrated threshold ({threshold_path(workdir)}): run --mode=calibrate "
-                           "or pass --threshold for a same/different decision")
-    return result
-  similarity = -distance if record["scoring"] == "distance" else result["probability"]
-  result["threshold"] = record["threshold"]
-  result["threshold_rule"] = f"same if {record['same_if']}"
-  result["decision"] = "same" if similarity >= similarity_threshold(record) else "different"
-  if "warning" in record:
-    result["notes"].append(record["warning"])
+  compared = model.compare(image1, image2, invert=invert, threshold=threshold)
+  result: dict[str, Any] = {"image1": str(image1), "image2": str(image2), "distance": compared.distance}
+  if compared.probability is not None:
+    result["probability"] = compared.probability
+  if compared.same is not None:
+    result["threshold"] = compared.threshold
+    result["threshold_rule"] = ("same if euclidean distance <= threshold" if compared.scoring == "distance"
+                                else "same if pair head probability >= threshold")
+  result["decision"] = None if compared.same is None else ("same" if compared.same else "different")
+  result["step"] = model.step
+  result["notes"] = compared.notes
   return result
 
 

@@ -20,8 +20,7 @@ from siamese_jax.metrics.episodes import Episodes, episode_predictions, sample_e
 from siamese_jax.metrics.retrieval import class_representatives
 from siamese_jax.metrics.verification import (equal_error_rate, rates_at_threshold, roc_auc, roc_curve, sample_pairs,
                                               similarity_threshold)
-from siamese_jax.modes.gallery import load_threshold
-from siamese_jax.trained import load_trained_model
+from siamese_jax.trained import load_threshold, load_trained_model
 from siamese_jax.workdir import EVAL_DIRNAME, PLOTS_DIRNAME
 from siamese_jax.writers import read_metrics
 

@@ -42,6 +42,11 @@ def print_results(results: dict) -> None:
     at = f" at the gallery threshold {gallery_threshold:.4g}" if gallery_threshold is not None else ""
     lines.append(f"  open set: known accuracy {100 * open_set['known_accuracy']:.1f} %, unknown rejected "
                  f"{100 * open_set['unknown_rejection_rate']:.1f} %{at}")
+  if "threshold" in results:  # training's calibration (training.calibrate_after_training)
+    record = results["threshold"]
+    lines.append(f"  same/different threshold: {record['skipped']}" if "skipped" in record else
+                 f"  same/different threshold (step {record['step']}): {record['scoring']} {record['threshold']:.4g}, "
+                 f"calibrated on the validation classes -> {record['written']}")
   if "seconds" in results:
     lines.append(f"  took {results['seconds']['total']:.1f} s")
   if "written" in results:

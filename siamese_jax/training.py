@@ -38,7 +38,8 @@ from siamese_jax.errors import UserError
 from siamese_jax.metrics import embedding, episodes, scoring
 from siamese_jax.one_shot import one_shot_results
 from siamese_jax.parallel import AXIS, DataParallel
-from siamese_jax.workdir import CHECKPOINTS_DIRNAME, CONFIG_FILENAME, ENSEMBLE_FILENAME, RESULTS_FILENAME
+from siamese_jax.workdir import (CHECKPOINTS_DIRNAME, CONFIG_FILENAME, ENSEMBLE_FILENAME, RESULTS_FILENAME,
+                                  threshold_path, write_json)
 from siamese_jax.writers import MetricWriter
 
 
@@ -396,6 +397,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, built: Setup) -> dict:
   results["training_seconds"] = training_seconds
   results["best_validation_accuracy"] = loop.best_validation_accuracy
   if is_main:
+    results["threshold"] = calibrate_after_training(workdir, built.splits)
     (workdir / RESULTS_FILENAME).write_text(json.dumps(results, indent=2) + "\n")
   writer.close()
   return results
@@ -599,6 +601,22 @@ class PreemptionSignal:
     for signum, handler in self._previous.items():
       signal.signal(signum, handler)
     self._previous = {}
+
+
+def calibrate_after_training(workdir: pathlib.Path, splits: pipeline.Splits) -> dict:
+  """The same/different thresholds of the best checkpoint, calibrated on the validation classes, written to
+  `<workdir>/eval/threshold.json` (what compare, gallery and openset decide with); a summary of them.
+
+  The run's splits are already in memory; `--mode=calibrate` redoes this with other settings. In a
+  multi-process run process 0 alone cannot restore a checkpoint, so there it is left to that mode.
+  """
+  if jax.process_count() > 1:
+    return {"skipped": "not calibrated in a multi-process run: run --mode=calibrate once it ends"}
+  model = trained.load_trained_model(workdir)
+  record = trained.calibrate(model, splits)
+  write_json(threshold_path(workdir), record)
+  return {**{key: record[key] for key in ("scoring", "threshold", "gallery_threshold") if key in record},
+          "step": model.step, "written": str(threshold_path(workdir))}
 
 
 def final_report(embed_fn, state: TrainState, splits: pipeline.Splits, config, *, step: int,

@@ -20,7 +20,7 @@ from PIL import Image
 from siamese_jax.configs import folder as folder_config
 from siamese_jax.configs import omniglot as omniglot_config
 from siamese_jax import training
-from siamese_jax.errors import UserError
+from siamese_jax.errors import UserError, optional_import
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_CLASSES, PER_CLASS = 8, 5  # folder smoke: 5 train classes after the test/validation split, m = 4
@@ -284,3 +284,9 @@ def test_loss_that_does_not_match_sampling_kind(loss, kind, expected):
   config.loss = ml_collections.ConfigDict(loss)
   config.sampling.kind = kind
   assert expected in setup_error(config)
+
+
+def test_a_missing_optional_package_names_its_extra():
+  with pytest.raises(UserError, match=r"^--mode=plots needs no_such_package_xyz, which is not installed: "
+                                      r"pip install 'siamese-jax\[plots\]'$"):
+    optional_import("no_such_package_xyz.manifold", "plots", "--mode=plots")

@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 import tqdm
 
-from siamese_jax.errors import UserError
+from siamese_jax.errors import UserError, optional_import
 
 ImageShape = tuple[int, int, int]
 
@@ -734,7 +734,7 @@ def _tfds_prepare_hint(name: str, data_dir: str | None) -> str:
 
 def _open_tfds(name: str, split: str, data_dir: str | None) -> Any:
   """tfds.data_source(..., download=False) with TFDS's errors turned into actionable UserErrors."""
-  import tensorflow_datasets as tfds  # Imported here: only TFDS users pay for it.
+  tfds = optional_import("tensorflow_datasets", "tfds", "data.source='tfds'")  # only TFDS users pay for it
 
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
@@ -825,7 +825,7 @@ def tfds_source(name: str, split: str, *, data_dir: str | os.PathLike | None = N
   keyed by the prepared files' identity, and a later run reads no record at all. `resize`: one of
   RESIZE_MODES.
   """
-  import tensorflow_datasets as tfds
+  tfds = optional_import("tensorflow_datasets", "tfds", "data.source='tfds'")
 
   image_shape = check_image_shape(image_shape)
   data_dir_str = None if data_dir is None else os.fspath(data_dir)

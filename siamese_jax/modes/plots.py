@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from siamese_jax.data import pipeline
-from siamese_jax.errors import UserError
+from siamese_jax.errors import UserError, optional_import
 from siamese_jax.metrics.episodes import Episodes, episode_predictions, sample_episodes
 from siamese_jax.metrics.retrieval import class_representatives
 from siamese_jax.metrics.verification import (equal_error_rate, rates_at_threshold, roc_auc, roc_curve, sample_pairs,
@@ -27,8 +27,8 @@ from siamese_jax.writers import read_metrics
 
 
 def _figure(width: float, height: float):
-  from matplotlib.figure import Figure
-  return Figure(figsize=(width, height), dpi=110, layout="constrained")
+  figure = optional_import("matplotlib.figure", "plots", "--mode=plots")
+  return figure.Figure(figsize=(width, height), dpi=110, layout="constrained")
 
 
 def _save(figure, path: str | os.PathLike) -> str:
@@ -50,12 +50,12 @@ def grayscale_colormap(ink_is_bright: bool) -> str:
 
 def tsne_2d(embeddings: np.ndarray, *, seed: int = 0, perplexity: float = 30.0) -> np.ndarray:
   """float32 [N, 2] t-SNE of the embeddings (perplexity capped for small N, as t-SNE requires)."""
-  from sklearn.manifold import TSNE
+  manifold = optional_import("sklearn.manifold", "plots", "--mode=plots' t-SNE")
   embeddings = np.asarray(embeddings, np.float32)
   if len(embeddings) < 3:
     raise UserError(f"t-SNE needs at least 3 points; got {len(embeddings)}.")
   perplexity = min(perplexity, (len(embeddings) - 1) / 3)
-  return TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto",
+  return manifold.TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto",
               random_state=seed).fit_transform(embeddings).astype(np.float32)
 
 
@@ -64,8 +64,8 @@ def plot_embedding_map(points: np.ndarray, labels: np.ndarray, class_names: Sequ
                        title: str = "t-SNE of test embeddings", cmap: str = "gray_r") -> str:
   """Scatter of 2-D points coloured by class; each class's representative (medoid) is a black-edged
   star, labelled with the class name and, given `images`, drawn as a thumbnail next to it."""
-  from matplotlib import colormaps
-  from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+  colormaps = optional_import("matplotlib", "plots", "--mode=plots").colormaps
+  offsetbox = optional_import("matplotlib.offsetbox", "plots", "--mode=plots")
   labels = np.asarray(labels)
   classes = np.unique(labels)
   colours = colormaps["tab20"] if len(classes) <= 20 else colormaps["hsv"]
@@ -80,8 +80,8 @@ def plot_embedding_map(points: np.ndarray, labels: np.ndarray, class_names: Sequ
       axes.scatter(points[r, 0], points[r, 1], s=220, marker="*", color=colour, edgecolors="black",
                    linewidths=1.2, zorder=3)
       if images is not None:
-        thumbnail = OffsetImage(_thumbnail(images[r]), zoom=0.9, cmap=cmap)
-        axes.add_artist(AnnotationBbox(thumbnail, points[r], xybox=(18, 18), boxcoords="offset points",
+        thumbnail = offsetbox.OffsetImage(_thumbnail(images[r]), zoom=0.9, cmap=cmap)
+        axes.add_artist(offsetbox.AnnotationBbox(thumbnail, points[r], xybox=(18, 18), boxcoords="offset points",
                                        frameon=True, pad=0.1, bboxprops={"edgecolor": colour, "linewidth": 2}))
       axes.annotate(class_names[c], points[r], xytext=(-4, -12), textcoords="offset points", fontsize=6,
                     ha="right")

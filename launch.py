@@ -15,6 +15,8 @@ On a trained workdir (its config.json and checkpoints; --checkpoint=best|latest|
   python launch.py --mode=gallery --workdir=W --gallery=DIR --queries=DIR --method=nearest|centroid|medoid
   python launch.py --mode=openset --workdir=W --gallery=DIR --queries=DIR
   python launch.py --mode=plots --workdir=W                    # PNGs -> W/eval/plots/
+  python launch.py --mode=index --workdir=W --gallery=DIR     # gallery index -> W/eval/index/
+  python launch.py --mode=search --workdir=W --queries=DIR --k=5   # top-k -> W/eval/search.csv
   python launch.py --mode=ensemble --workdir=E --members=W1,W2  # then every mode above works on E
 """
 
@@ -32,9 +34,11 @@ from siamese_jax import api, distributed, trained  # the package sets XLA's CPU 
 from siamese_jax.errors import UserError
 from siamese_jax.metrics import retrieval, scoring, verification
 from siamese_jax.modes import ensemble, evaluate, export, gallery, plots
+from siamese_jax.modes.index import build_index, search_index
 from siamese_jax.modes.report import print_mapping, print_results
 
-MODES = ("train", "eval", "calibrate", "export", "compare", "gallery", "openset", "plots", "ensemble")
+MODES = ("train", "eval", "calibrate", "export", "compare", "gallery", "openset", "plots", "ensemble",
+         "index", "search")
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/omniglot.py or configs/omniglot.py:smoke. "
                                 "Required to train; other modes read <workdir>/config.json unless it is given.",
@@ -68,16 +72,17 @@ flags.DEFINE_enum("threshold_method", "max_accuracy", verification.THRESHOLD_MET
 flags.DEFINE_float("target_far", 0.001, "eval/calibrate with --threshold_method=far: the false accept rate.")
 flags.DEFINE_integer("pairs", 10000, "eval/calibrate/plots: verification pairs (half same, half different).")
 flags.DEFINE_float("threshold", None, "compare/gallery/openset: same/different threshold (a distance, or a "
-                   "probability for pair-head models) instead of <workdir>/eval/threshold.json.")
+                   "probability for pair-head models; index: a distance) instead of <workdir>/eval/threshold.json.")
 flags.DEFINE_enum("split", "test", export.EXPORT_SPLITS, "export: which of the run's splits.")
 flags.DEFINE_string("images", None, "export: a folder of images (one sub-folder per class) instead of a split.")
-flags.DEFINE_string("output", None, "export: .npz path; gallery/openset: CSV path; plots: folder. Default: under "
+flags.DEFINE_string("output", None, "export: .npz path; gallery/openset: CSV path; plots: folder. "
+                    "index: folder; search: CSV path. Default: under "
                     "<workdir>/eval/.")
 flags.DEFINE_string("image1", None, "compare: first image file.")
 flags.DEFINE_string("image2", None, "compare: second image file.")
-flags.DEFINE_string("gallery", None, "gallery/openset: folder with one sub-folder of images per known class.")
-flags.DEFINE_string("queries", None, "gallery/openset: an image, a folder of images, or class sub-folders (then "
-                    "accuracy is reported; openset needs them: classes not in the gallery are unknown).")
+flags.DEFINE_string("gallery", None, "gallery/openset/index: folder with one sub-folder of images per known class.")
+flags.DEFINE_string("queries", None, "gallery/openset/search: an image, a folder of images, or class sub-folders "
+                    "(then accuracy is reported; openset needs them: classes not in the gallery are unknown).")
 flags.DEFINE_enum("method", "nearest", retrieval.GALLERY_METHODS, "gallery/openset: compare a query with "
                   "the nearest gallery image, the class centroid, or the class medoid.")
 flags.DEFINE_enum("invert", "auto", trained.INVERT_CHOICES, "compare/gallery/openset/export --images: invert image "
@@ -85,6 +90,11 @@ flags.DEFINE_enum("invert", "auto", trained.INVERT_CHOICES, "compare/gallery/ope
 flags.DEFINE_list("members", None, "ensemble: the trained workdirs to combine (comma-separated); --checkpoint "
                   "picks each one's checkpoint, fixed from then on.")
 flags.DEFINE_integer("batch_size", None, "Images embedded per call (default: the run's eval.batch_size).")
+flags.DEFINE_string("index", None, "search: the index folder --mode=index wrote (default <workdir>/eval/index/).")
+flags.DEFINE_integer("k", 5, "search: how many nearest index items to list per query.")
+flags.DEFINE_enum("backend", None, ["exact", "usearch"], "index: the search backend saved with the index "
+                  "(default exact); search: the one to use (default the saved one). usearch is approximate: "
+                  "pip install 'siamese-jax[ann]'.")
 
 
 def main(argv):
@@ -133,6 +143,16 @@ def main(argv):
     elif mode == "plots":
       print_mapping(plots.plot_workdir(workdir, output=FLAGS.output, num_pairs=FLAGS.pairs, seed=FLAGS.seed,
                                        batch_size=FLAGS.batch_size, **common))
+    elif mode == "index":
+      require("index", gallery=FLAGS.gallery)
+      print_mapping(build_index(workdir, FLAGS.gallery, output=FLAGS.output, backend=FLAGS.backend or "exact",
+                                threshold=FLAGS.threshold, invert=FLAGS.invert, batch_size=FLAGS.batch_size,
+                                **common))
+    elif mode == "search":
+      require("search", queries=FLAGS.queries)
+      print_mapping(search_index(workdir, FLAGS.queries, index=FLAGS.index, k=FLAGS.k, output=FLAGS.output,
+                                 backend=FLAGS.backend, invert=FLAGS.invert, batch_size=FLAGS.batch_size,
+                                 **common))
     elif mode == "ensemble":
       require("ensemble", members=FLAGS.members)
       print_mapping(ensemble.make_ensemble(workdir, FLAGS.members, checkpoint=FLAGS.checkpoint,

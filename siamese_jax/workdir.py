@@ -10,6 +10,8 @@
   <workdir>/eval/results.json    what --mode=eval reports
   <workdir>/eval/threshold.json  the calibrated same/different threshold (`threshold_path`)
   <workdir>/eval/plots/          --mode=plots' PNGs
+  <workdir>/eval/index/          --mode=index's gallery index (siamese_jax/index.py)
+  <workdir>/eval/search.csv      --mode=search's k nearest index items of each query
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ MEMBERS_DIRNAME = "members"
 EVAL_DIRNAME = "eval"
 THRESHOLD_FILENAME = "threshold.json"
 PLOTS_DIRNAME = "plots"
+INDEX_DIRNAME = "index"
+SEARCH_FILENAME = "search.csv"
 
 
 def threshold_path(workdir: str | os.PathLike) -> pathlib.Path:

@@ -25,7 +25,7 @@ FLOORS = (
      "siamese_jax.backbones", "siamese_jax.backbones.*", "siamese_jax.models", "siamese_jax.weights",
      "siamese_jax.losses", "siamese_jax.optim", "siamese_jax.parallel", "siamese_jax.distributed",
      "siamese_jax.writers", "siamese_jax.checkpoint", "siamese_jax.metrics", "siamese_jax.metrics.*"),
-    ("siamese_jax.trained", "siamese_jax.one_shot"),
+    ("siamese_jax.trained", "siamese_jax.one_shot", "siamese_jax.index"),
     ("siamese_jax.training",),
     ("siamese_jax.modes", "siamese_jax.modes.*"),
     ("siamese_jax.configs", "siamese_jax.configs.*"),  # configs/, installed as siamese_jax.configs

@@ -15,6 +15,8 @@ On a trained workdir (its config.json and checkpoints; --checkpoint=best|latest|
   python launch.py --mode=gallery --workdir=W --gallery=DIR --queries=DIR --method=nearest|centroid|medoid
   python launch.py --mode=openset --workdir=W --gallery=DIR --queries=DIR
   python launch.py --mode=plots --workdir=W                    # PNGs -> W/eval/plots/
+  python launch.py --mode=export_model --workdir=W             # served model (jax only) -> W/eval/model.zip
+  python launch.py --mode=projector --workdir=W --split=test   # TensorBoard projector -> W/eval/projector/
   python launch.py --mode=index --workdir=W --gallery=DIR     # gallery index -> W/eval/index/
   python launch.py --mode=search --workdir=W --queries=DIR --k=5   # top-k -> W/eval/search.csv
   python launch.py --mode=ensemble --workdir=E --members=W1,W2  # then every mode above works on E
@@ -33,19 +35,20 @@ from ml_collections import config_flags
 from siamese_jax import api, distributed, trained  # the package sets XLA's CPU flags before JAX starts
 from siamese_jax.errors import UserError
 from siamese_jax.metrics import retrieval, scoring, verification
-from siamese_jax.modes import ensemble, evaluate, export, gallery, plots
+from siamese_jax.modes import ensemble, evaluate, export, export_model, gallery, plots, projector
 from siamese_jax.modes.index import build_index, search_index
 from siamese_jax.modes.report import print_mapping, print_results
 
-MODES = ("train", "eval", "calibrate", "export", "compare", "gallery", "openset", "plots", "ensemble",
-         "index", "search")
+MODES = ("train", "eval", "calibrate", "export", "compare", "gallery", "openset", "plots", "ensemble", "export_model",
+         "projector", "index", "search")
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/omniglot.py or configs/omniglot.py:smoke. "
                                 "Required to train; other modes read <workdir>/config.json unless it is given.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, the resolved config and results.")
 flags.DEFINE_enum("mode", "train", MODES, "train (then evaluate on the test classes) | eval | calibrate | export | "
-                  "compare | gallery | openset | plots | ensemble: see the module docstring.")
+                  "compare | gallery | openset | plots | ensemble | export_model | projector: see the module "
+                  "docstring.")
 flags.mark_flags_as_required(["workdir"])
 # Training on several processes (several hosts, or one process per GPU): docs/scaling.md.
 flags.DEFINE_string("coordinator_address", None, "train on several processes: host:port where process 0 listens "
@@ -63,8 +66,8 @@ flags.DEFINE_list("shots", [], "eval: K of the K-shot episodes (comma-separated)
 flags.DEFINE_integer("episodes", 1000, "eval: episodes per (mode, N, K) setting.")
 flags.DEFINE_integer("queries_per_class", None, "eval: query images per class in an episode (default: the run's "
                      "eval.queries_per_class).")
-flags.DEFINE_integer("seed", None, "eval/plots: seed of the test episodes and pairs (default: the run's seed); "
-                     "thresholds are always calibrated with the run's seed.")
+flags.DEFINE_integer("seed", None, "eval/plots: seed of the test episodes and pairs; projector: of the subsample "
+                     "(default: the run's seed); thresholds are always calibrated with the run's seed.")
 flags.DEFINE_enum("scoring", "auto", scoring.SCORINGS, "eval/calibrate: score pairs by embedding "
                   "distance or by the Koch head's probability; auto = the head where the model has one.")
 flags.DEFINE_enum("threshold_method", "max_accuracy", verification.THRESHOLD_METHODS, "eval/calibrate: calibrate the "
@@ -73,11 +76,15 @@ flags.DEFINE_float("target_far", 0.001, "eval/calibrate with --threshold_method=
 flags.DEFINE_integer("pairs", 10000, "eval/calibrate/plots: verification pairs (half same, half different).")
 flags.DEFINE_float("threshold", None, "compare/gallery/openset: same/different threshold (a distance, or a "
                    "probability for pair-head models; index: a distance) instead of <workdir>/eval/threshold.json.")
-flags.DEFINE_enum("split", "test", export.EXPORT_SPLITS, "export: which of the run's splits.")
-flags.DEFINE_string("images", None, "export: a folder of images (one sub-folder per class) instead of a split.")
-flags.DEFINE_string("output", None, "export: .npz path; gallery/openset: CSV path; plots: folder. "
-                    "index: folder; search: CSV path. Default: under "
-                    "<workdir>/eval/.")
+flags.DEFINE_enum("split", "test", export.EXPORT_SPLITS, "export/projector: which of the run's splits.")
+flags.DEFINE_string("images", None, "export/projector: a folder of images (one sub-folder per class) instead of a "
+                    "split.")
+flags.DEFINE_string("output", None, "export: .npz path; gallery/openset: CSV path; plots/projector: folder; "
+                    "export_model: .zip path; index: folder; search: CSV path. Default: under <workdir>/eval/.")
+flags.DEFINE_list("platforms", list(export_model.DEFAULT_PLATFORMS), "export_model: the platforms the served model "
+                  f"runs on (comma-separated, of {', '.join(export_model.PLATFORMS)}).")
+flags.DEFINE_integer("max_points", projector.DEFAULT_MAX_POINTS, "projector: at most this many images (a seeded "
+                     "subsample of more).")
 flags.DEFINE_string("image1", None, "compare: first image file.")
 flags.DEFINE_string("image2", None, "compare: second image file.")
 flags.DEFINE_string("gallery", None, "gallery/openset/index: folder with one sub-folder of images per known class.")
@@ -85,8 +92,8 @@ flags.DEFINE_string("queries", None, "gallery/openset/search: an image, a folder
                     "(then accuracy is reported; openset needs them: classes not in the gallery are unknown).")
 flags.DEFINE_enum("method", "nearest", retrieval.GALLERY_METHODS, "gallery/openset: compare a query with "
                   "the nearest gallery image, the class centroid, or the class medoid.")
-flags.DEFINE_enum("invert", "auto", trained.INVERT_CHOICES, "compare/gallery/openset/export --images: invert image "
-                  "files (dark ink -> bright); auto = as the model's training data (Omniglot: yes).")
+flags.DEFINE_enum("invert", "auto", trained.INVERT_CHOICES, "compare/gallery/openset/export/projector --images: "
+                  "invert image files (dark ink -> bright); auto = as the model's training data (Omniglot: yes).")
 flags.DEFINE_list("members", None, "ensemble: the trained workdirs to combine (comma-separated); --checkpoint "
                   "picks each one's checkpoint, fixed from then on.")
 flags.DEFINE_integer("batch_size", None, "Images embedded per call (default: the run's eval.batch_size).")
@@ -143,6 +150,13 @@ def main(argv):
     elif mode == "plots":
       print_mapping(plots.plot_workdir(workdir, output=FLAGS.output, num_pairs=FLAGS.pairs, seed=FLAGS.seed,
                                        batch_size=FLAGS.batch_size, **common))
+    elif mode == "export_model":
+      print_mapping(export_model.export_model_workdir(workdir, output=FLAGS.output, platforms=FLAGS.platforms,
+                                                      batch_size=FLAGS.batch_size, **common))
+    elif mode == "projector":
+      print_mapping(projector.projector_workdir(workdir, split=FLAGS.split, images=FLAGS.images, output=FLAGS.output,
+                                                max_points=FLAGS.max_points, seed=FLAGS.seed, invert=FLAGS.invert,
+                                                batch_size=FLAGS.batch_size, **common))
     elif mode == "index":
       require("index", gallery=FLAGS.gallery)
       print_mapping(build_index(workdir, FLAGS.gallery, output=FLAGS.output, backend=FLAGS.backend or "exact",

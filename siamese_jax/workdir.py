@@ -12,6 +12,8 @@
   <workdir>/eval/plots/          --mode=plots' PNGs
   <workdir>/eval/index/          --mode=index's gallery index (siamese_jax/index.py)
   <workdir>/eval/search.csv      --mode=search's k nearest index items of each query
+  <workdir>/eval/model.zip       --mode=export_model's served model (siamese_jax/serving.py)
+  <workdir>/eval/projector/      --mode=projector's embeddings, labels and sprite for TensorBoard
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ THRESHOLD_FILENAME = "threshold.json"
 PLOTS_DIRNAME = "plots"
 INDEX_DIRNAME = "index"
 SEARCH_FILENAME = "search.csv"
+SERVED_MODEL_FILENAME = "model.zip"
+PROJECTOR_DIRNAME = "projector"
 
 
 def threshold_path(workdir: str | os.PathLike) -> pathlib.Path:

@@ -20,7 +20,7 @@ PACKAGE = "siamese_jax"
 # Lowest first; a module may import modules of its own floor and of the floors below. A module not
 # listed here makes test_every_module_has_a_floor fail: place it where its imports put it.
 FLOORS = (
-    ("siamese_jax", "siamese_jax.errors", "siamese_jax.workdir"),
+    ("siamese_jax", "siamese_jax.errors", "siamese_jax.workdir", "siamese_jax.serving"),
     ("siamese_jax.data", "siamese_jax.data.*", "siamese_jax.augment", "siamese_jax.layers",
      "siamese_jax.backbones", "siamese_jax.backbones.*", "siamese_jax.models", "siamese_jax.weights",
      "siamese_jax.losses", "siamese_jax.optim", "siamese_jax.parallel", "siamese_jax.distributed",

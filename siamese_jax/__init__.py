@@ -20,10 +20,14 @@ _YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 if _YNN_FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_YNN_FLAG}=".strip()
 
-_PUBLIC = {  # name -> the module that defines it
-    "load": "siamese_jax.api", "train": "siamese_jax.api", "run_training": "siamese_jax.api",
-    "get_config": "siamese_jax.api", "config_names": "siamese_jax.api",
-    "TrainedModel": "siamese_jax.trained", "Comparison": "siamese_jax.trained",
+_PUBLIC = {  # name -> "module" that defines it, or "module:name" there
+    "train": "siamese_jax.api", "run_training": "siamese_jax.api", "get_config": "siamese_jax.api",
+    "config_names": "siamese_jax.api", "load": "siamese_jax.trained", "TrainedModel": "siamese_jax.trained",
+    "ExportedModel": "siamese_jax.trained", "Comparison": "siamese_jax.trained",
+    "GalleryIndex": "siamese_jax.index", "load_artifact": "siamese_jax.serving",
+    "evaluate": "siamese_jax.modes.evaluate:evaluate_workdir",
+    "calibrate": "siamese_jax.modes.evaluate:calibrate_workdir",
+    "export_model": "siamese_jax.modes.export_model:export_model_workdir",
     "UserError": "siamese_jax.errors",
 }
 __all__ = sorted(_PUBLIC)
@@ -32,7 +36,8 @@ __all__ = sorted(_PUBLIC)
 def __getattr__(name: str):
   if name not in _PUBLIC:
     raise AttributeError(f"module 'siamese_jax' has no attribute {name!r}")
-  value = getattr(importlib.import_module(_PUBLIC[name]), name)
+  module, _, attribute = _PUBLIC[name].partition(":")
+  value = getattr(importlib.import_module(module), attribute or name)
   globals()[name] = value
   return value
 

@@ -3,7 +3,7 @@
   import siamese_jax
   config = siamese_jax.get_config("omniglot:smoke")           # a shipped config, by name
   model = siamese_jax.train(config, "runs/smoke")             # trains (resumes), evaluates, calibrates
-  model = siamese_jax.load("runs/smoke")                      # a workdir, an ensemble or an exported model
+  model = siamese_jax.load("runs/smoke")                      # a workdir, an ensemble or a served model file
   embeddings = model.embed(["a.png", pil_image, array])       # any size, dtype, PIL image or path
   result = model.compare("a.png", "b.png")                    # distance, probability, same or not
 
@@ -30,11 +30,9 @@ from siamese_jax.trained import TrainedModel, load_trained_model
 
 def config_names() -> list[str]:
   """The shipped configs by name: "omniglot", "folder_pretrained", ..., "ablations/omniglot_triplet"."""
-  names = []
-  for module in pkgutil.walk_packages(shipped_configs.__path__):
-    if not module.ispkg:
-      names.append(module.name.replace(".", "/"))
-  return sorted(names)
+  prefix = f"{shipped_configs.__name__}."
+  return sorted(module.name[len(prefix):].replace(".", "/")
+                for module in pkgutil.walk_packages(shipped_configs.__path__, prefix) if not module.ispkg)
 
 
 def get_config(name: str) -> ml_collections.ConfigDict:
@@ -79,9 +77,3 @@ def train(config: ml_collections.ConfigDict | str, workdir: str | os.PathLike) -
     raise UserError(f"training into {workdir} was stopped by a signal at step {results.get('step')}; call "
                     "train() again with the same workdir to resume.")
   return load_trained_model(workdir)
-
-
-def load(path: str | os.PathLike, *, checkpoint: str | os.PathLike = "best") -> TrainedModel:
-  """A trained model from a workdir (its best checkpoint by validation accuracy, or `checkpoint`: "latest", a
-  step, a checkpoint path), an ensemble workdir, or a model file written by --mode=export_model."""
-  return load_trained_model(path, checkpoint=checkpoint)

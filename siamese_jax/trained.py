@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from siamese_jax import models
+from siamese_jax import models, serving
 from siamese_jax.checkpoint import restore_variables, select_checkpoint
 from siamese_jax.data import pipeline, sources
 from siamese_jax.errors import UserError
@@ -172,6 +172,79 @@ def load_trained_model(workdir: str | os.PathLike | None = None, *, checkpoint: 
   run_dir = workdir_path if workdir_path is not None else step_dir.parent.parent  # <run>/checkpoints/<step>
   model.threshold = load_threshold(run_dir, model)
   return model
+
+
+# --------------------------------------------------------------------------------------------------
+# A served model file (--mode=export_model) with the same API
+
+
+@dataclasses.dataclass
+class ExportedModel:
+  """A served model file (`serving.load_artifact`) with `TrainedModel`'s embed and compare: images of any
+  kind go in, decoded and resized as the spec says; same/different at the threshold exported with it."""
+
+  served: serving.ServedModel
+  scorer: scoring.Scorer = scoring.DISTANCE  # the artifact holds the embedding function only
+  has_pair_head: bool = False
+
+  @property
+  def path(self) -> pathlib.Path:
+    return self.served.path
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return tuple(self.served.image_shape)
+
+  @property
+  def invert(self) -> bool:
+    return self.served.invert
+
+  @property
+  def resize(self) -> str:
+    return self.served.spec["preprocessing"].get("resize", "stretch")
+
+  @property
+  def threshold(self) -> dict | None:
+    return self.served.spec.get("threshold")
+
+  @property
+  def step(self) -> int:
+    return int(self.served.spec.get("step", -1))
+
+  @property
+  def config_hash(self) -> str:
+    return str(self.served.spec.get("config_hash", ""))
+
+  def embed(self, images, *, invert: str | bool = "auto", batch_size: int | None = None,
+            progress: bool = False) -> np.ndarray:
+    """float32 [N, D] embeddings of anything `TrainedModel.embed` takes (an ImageSource is read whole)."""
+    del progress  # the served function runs in a few calls; nothing to show
+    if isinstance(images, sources.ImageSource):
+      images = np.asarray(images[np.arange(len(images))])
+    images = prepare_images(images, self.image_shape, invert=resolve_invert(invert, self), resize=self.resize)
+    return self.served.embed(images, batch_size=batch_size or serving.DEFAULT_BATCH_SIZE)
+
+  def compare(self, image1, image2, *, invert: str | bool = "auto", threshold: float | None = None) -> Comparison:
+    """As `TrainedModel.compare`, by embedding distance."""
+    flip = resolve_invert(invert, self)
+    first, notes1 = _prepare(image1, self.image_shape, invert=flip, resize=self.resize, name="image1")
+    second, notes2 = _prepare(image2, self.image_shape, invert=flip, resize=self.resize, name="image2")
+    if len(first) != 1 or len(second) != 1:
+      raise UserError(f"compare takes one image each; got {len(first)} and {len(second)}.")
+    embeddings = self.served.embed(np.concatenate([first, second]))
+    record = given_threshold(threshold, "distance") if threshold is not None else self.threshold
+    return decide(embeddings[0], embeddings[1], None, record, notes1 + notes2)
+
+
+def load(path: str | os.PathLike, *, checkpoint: str | os.PathLike = "best") -> TrainedModel | ExportedModel:
+  """A model from a workdir (`load_trained_model`: its best checkpoint, or `checkpoint`), an ensemble
+  workdir, or a served model file written by --mode=export_model (`ExportedModel`)."""
+  path = pathlib.Path(path).expanduser()
+  if path.is_file():
+    if str(checkpoint) != "best":
+      raise UserError(f"{path} is a served model file: it holds one checkpoint; drop checkpoint=.")
+    return ExportedModel(serving.load_artifact(path))
+  return load_trained_model(path, checkpoint=checkpoint)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import numpy as np
 
 from siamese_jax import models, training
 from siamese_jax.data import pipeline, sampling
+from siamese_jax.index import GalleryIndex
 from siamese_jax.metrics import embedding, lake
 from siamese_jax.metrics import episodes as episode_metrics
 
@@ -378,3 +379,69 @@ def backbone_cases(name: str, config: ml_collections.ConfigDict, *, warmup: int,
     row["pct_of_peak"] = 100.0 * row["gflops_per_s"] / peak_gflops
   rows.append(row)
   return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# Gallery index (siamese_jax/index.py): one case per process (run.py --index-child), so that each peak
+# resident memory is that case's alone
+
+
+INDEX_DIM = 128
+INDEX_PER_CLASS = 10  # items per class of a clustered gallery
+INDEX_SPREAD = 0.5  # norm of the noise around a class centre (centres have norm 1), before normalising
+
+
+def index_vectors(num: int, centres: np.ndarray | None, rng: np.random.Generator, dim: int = INDEX_DIM):
+  """(float32 [num, dim] unit vectors, their classes): a random class centre plus Gaussian noise of norm
+  about INDEX_SPREAD ("clustered", as a trained model's embeddings are), or uniform on the sphere
+  (`centres` None: no structure, the hardest case for a graph index). Drawn in blocks: no float64 copy."""
+  vectors = np.empty((num, dim), np.float32)
+  labels = rng.integers(0, len(centres), num) if centres is not None else np.zeros(num, np.int64)
+  for start in range(0, num, 65536):
+    stop = min(start + 65536, num)
+    block = rng.standard_normal((stop - start, dim), dtype=np.float32)
+    if centres is not None:
+      block = centres[labels[start:stop]] + block * (INDEX_SPREAD / np.sqrt(dim))
+    vectors[start:stop] = block / np.linalg.norm(block, axis=1, keepdims=True)
+  return vectors, labels
+
+
+def index_case(*, num: int, backend: str, data: str, queries: int, k: int, repeats: int, exact_file: str,
+               seed: int = 0) -> dict[str, Any]:
+  """Build time, queries/s and memory of one gallery index, and recall@k of the approximate backend
+  against the exact results for the same queries (`exact_file`, written by the exact case before it)."""
+  rss_start = common.current_rss_mb()
+  rng = np.random.default_rng(seed)
+  centres = None
+  if data == "clustered":
+    centres = rng.standard_normal((max(1, num // INDEX_PER_CLASS), INDEX_DIM)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+  gallery, labels = index_vectors(num, centres, np.random.default_rng(seed + 1))
+  query, _ = index_vectors(queries, centres, np.random.default_rng(seed + 2))
+  rss_data = common.current_rss_mb()
+  start = time.perf_counter()
+  index = GalleryIndex.from_embeddings(gallery, labels, backend=backend)
+  if backend == "usearch":
+    index.build_ann()
+  build_seconds = time.perf_counter() - start
+  rss_built = common.current_rss_mb()
+  # Warm-up on one chunk of queries: the same compiled shapes as the timed calls (512-query chunks).
+  index.search(query[:512], k)
+  found = []
+  timing = common.time_repeated(lambda: found.append(index.search(query, k).indices), warmup=0, repeats=repeats)
+  row = {"case": f"{num:,} x {INDEX_DIM} {data}, {backend}", "backend": backend, "gallery": num, "dim": INDEX_DIM,
+         "data": data, "classes": len(index.class_names), "queries": queries, "k": k,
+         "build_seconds": build_seconds, **timing.as_dict("search_seconds"), "queries_per_s": queries / timing.median,
+         "rss_start_mb": rss_start, "rss_after_data_mb": rss_data, "rss_after_build_mb": rss_built,
+         "max_rss_mb": common.process_max_rss_mb(), "embeddings_mb": gallery.nbytes / 2**20}
+  row["max_rss_beside_embeddings_mb"] = row["max_rss_mb"] - row["embeddings_mb"]
+  if backend == "exact":
+    np.save(exact_file, found[-1])
+  elif os.path.exists(exact_file):
+    exact = np.load(exact_file)
+    common_queries = min(len(exact), len(found[-1]))
+    approximate = found[-1][:common_queries]
+    hits = [len(np.intersect1d(a[a >= 0], e)) for a, e in zip(approximate, exact[:common_queries])]
+    row["recall_at_k"] = float(np.sum(hits) / (common_queries * k))
+    row["recall_queries"] = common_queries
+  return row

@@ -168,3 +168,12 @@ def device_peak_bytes() -> int | None:
 def process_max_rss_mb() -> float:
   """Peak resident memory of this process so far (MB): host RAM, which is device memory on CPU."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def current_rss_mb() -> float:
+  """Resident memory of this process now (MB), from /proc (Linux); 0 where it cannot be read."""
+  try:
+    with open("/proc/self/statm") as file:
+      return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+  except (OSError, ValueError, IndexError):
+    return 0.0

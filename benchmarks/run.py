@@ -1,4 +1,4 @@
-r"""Throughput benchmarks: train step, input pipeline, evaluation, device scaling.
+r"""Throughput benchmarks: train step, input pipeline, evaluation, device scaling, gallery index.
 
   python benchmarks/run.py --quick        # under 5 minutes on 2 CPU cores
   python benchmarks/run.py                # the full suite: more repetitions, more cases
@@ -39,12 +39,15 @@ SUITES = {
                   loader_warmup=32, loader_seconds=0.3, loader_workers=(0, 1, 2), lazy_workers=(0, 2),
                   koch_loader=((True, 0), (False, 0)), fed_workers=(0,), fed_steps=6, fed_repeats=5,
                   eval_repeats=3, koch_embed=False, scaling_steps=3, scaling_repeats=3, backbone_size=64,
-                  backbone_steps=1, backbone_embed=128),
+                  backbone_steps=1, backbone_embed=128, index_sizes=(10_000, 100_000), index_queries=1000,
+                  index_queries_1m_exact=200, index_repeats=2),
     "full": dict(matmul_warmup=3, matmul_repeats=10, warmup=2, repeats=7, conv_steps=20, koch_steps=2,
                  loader_warmup=64, loader_seconds=1.5, loader_workers=(0, 1, 2), lazy_workers=(0, 1, 2),
                  koch_loader=tuple((m, w) for m in (True, False) for w in (0, 1, 2)), fed_workers=(0, 1),
                  fed_steps=20, fed_repeats=7, eval_repeats=7, koch_embed=True, scaling_steps=10,
-                 scaling_repeats=5, backbone_size=128, backbone_steps=2, backbone_embed=512),
+                 scaling_repeats=5, backbone_size=128, backbone_steps=2, backbone_embed=512,
+                 index_sizes=(10_000, 100_000, 1_000_000), index_queries=4000, index_queries_1m_exact=1000,
+                 index_repeats=3),
 }
 
 # Train-step cases: (label, config module, overrides). The third is the conv4 target's case (128 triplets,
@@ -61,12 +64,17 @@ TRAIN_CASES = (
 # Pretrained backbones (configs/folder_pretrained.py on synthetic RGB data, random weights): model names.
 BACKBONES = ("resnet18", "resnet34", "resnet50", "vgg16", "efficientnet_lite0")
 
+# Gallery index: k of the top-k searches, and the one structureless (uniform) gallery size measured beside
+# the clustered ones (benchmarks/README.md says why).
+INDEX_K = 10
+INDEX_UNIFORM_SIZE = 100_000
+
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true", help="the short suite (under 5 minutes on 2 cores)")
-  parser.add_argument("--only", default="", help="comma-separated sections to run: "
-                      "peak,train,loader,fed,eval,scaling,backbones (default: all); writes <machine>-partial.json")
+  parser.add_argument("--only", default="", help="comma-separated sections to run: peak,train,loader,fed,eval,"
+                      "scaling,backbones,index (default: all); writes <machine>-partial.json")
   parser.add_argument("--machine", default="", help="results file name; default from platform and cores")
   parser.add_argument("--out", default=str(HERE / "results"), help="folder for <machine>.json")
   parser.add_argument("--cache-dir", default=str(pathlib.Path.home() / ".cache" / "siamese_jax" / "decoded"),
@@ -76,6 +84,7 @@ def parse_args(argv=None):
   parser.add_argument("--synthetic", action="store_true",
                       help="use the synthetic source (same shapes) even where Omniglot is present")
   parser.add_argument("--scaling-child", default="", help=argparse.SUPPRESS)  # internal: JSON path
+  parser.add_argument("--index-child", default="", help=argparse.SUPPRESS)  # internal: JSON path of the case
   return parser.parse_args(argv)
 
 
@@ -121,6 +130,12 @@ SCALING_COLUMNS = [("scaling (same global batch)", "case", ""), ("strategy", "st
 BACKBONE_COLUMNS = [("backbone", "case", ""), ("batch", "batch", "d"), ("images/s", "images_per_s", ".1f"),
                     ("spread", "spread", ".1%"), ("GFLOP/s", "gflops_per_s", ".1f"), ("% of peak", "pct_of_peak", ".1f"),
                     ("compile s", "compile_seconds", ".1f")]
+INDEX_COLUMNS = [("gallery index", "case", ""), ("queries", "queries", "d"), ("build s", "build_seconds", ".1f"),
+                 ("queries/s (k=10)", "queries_per_s", ".0f"), ("spread", "spread", ".1%"),
+                 ("recall@10", "recall_at_k", ".3f"), ("RSS at start MB", "rss_start_mb", ".0f"),
+                 ("peak RSS MB", "max_rss_mb", ".0f"),
+                 ("embeddings MB", "embeddings_mb", ".0f"),
+                 ("peak - embeddings MB", "max_rss_beside_embeddings_mb", ".0f")]
 TARGET_COLUMNS = [("target", "target", ""), ("measured", "measured", ""), ("needed", "needed", ""),
                   ("holds", "holds", "")]
 
@@ -138,7 +153,7 @@ def report_tables(results: dict) -> str:
                  f"load average {load[0]:.1f} at the start, {load[1]:.1f} at the end.")
   for key, columns in (("train_step", TRAIN_COLUMNS), ("loader", LOADER_COLUMNS), ("fed_step", FED_COLUMNS),
                        ("evaluation", EVAL_COLUMNS), ("scaling", SCALING_COLUMNS), ("backbones", BACKBONE_COLUMNS),
-                       ("targets", TARGET_COLUMNS)):
+                       ("index", INDEX_COLUMNS), ("targets", TARGET_COLUMNS)):
     rows = results.get(key)
     if rows:
       for row in rows:
@@ -381,8 +396,38 @@ def _backbone_model(model_config):
   return fresh
 
 
+def section_index(context: Context) -> dict:
+  """Gallery index build time, search queries/s (k=10), peak resident memory and the approximate
+  backend's recall@10, each case in a child process of this script (its own peak memory): galleries of
+  clustered unit vectors of dimension 128, exact then usearch at each size, and one uniform gallery."""
+  settings, rows = context.settings, []
+  plans = [(size, "clustered") for size in settings["index_sizes"]]
+  if INDEX_UNIFORM_SIZE in settings["index_sizes"]:
+    plans.append((INDEX_UNIFORM_SIZE, "uniform"))
+  with tempfile.TemporaryDirectory() as folder:
+    for size, data in plans:
+      exact_file = str(pathlib.Path(folder) / f"exact-{size}-{data}.npy")
+      for backend in ("exact", "usearch"):
+        queries = settings["index_queries"]
+        if backend == "exact" and size >= 1_000_000:
+          queries = settings["index_queries_1m_exact"]  # about 200 queries/s on 2 cores: keep it to seconds
+        spec = {"num": size, "backend": backend, "data": data, "queries": queries, "k": INDEX_K,
+                "repeats": settings["index_repeats"], "exact_file": exact_file}
+        spec_path = pathlib.Path(folder) / "case.json"
+        spec_path.write_text(json.dumps(spec))
+        subprocess.run([sys.executable, str(pathlib.Path(__file__).resolve()), "--index-child", str(spec_path)],
+                       check=True)
+        row = json.loads(spec_path.with_suffix(".out.json").read_text())
+        rows.append(row)
+        recall = f", recall@10 {row['recall_at_k']:.3f}" if "recall_at_k" in row else ""
+        print(f"  {row['case']}: build {row['build_seconds']:.1f} s, {row['queries_per_s']:.0f} queries/s{recall}, "
+              f"peak RSS {row['max_rss_mb']:.0f} MB ({row['embeddings_mb']:.0f} MB of embeddings)", flush=True)
+  return {"index": rows}
+
+
 SECTIONS = {"peak": section_peak, "train": section_train, "loader": section_loader, "fed": section_fed,
-            "eval": section_eval, "scaling": section_scaling, "backbones": section_backbones}
+            "eval": section_eval, "scaling": section_scaling, "backbones": section_backbones,
+            "index": section_index}
 
 
 def main(args) -> None:
@@ -399,6 +444,13 @@ def main(args) -> None:
     context = Context(args, SUITES[suite], None if args.synthetic else cases.find_omniglot_dir(),
                       float(os.environ["BENCHMARK_PEAK_GFLOPS"]))
     pathlib.Path(args.scaling_child).write_text(json.dumps(run_scaling(context)))
+    return
+
+  if args.index_child:  # one gallery index case, alone in this process
+    import cases
+    spec_path = pathlib.Path(args.index_child)
+    row = cases.index_case(**json.loads(spec_path.read_text()))
+    spec_path.with_suffix(".out.json").write_text(json.dumps(row))
     return
 
   import common

@@ -307,10 +307,15 @@ class GalleryIndex:
 
   def _usearch_search(self, queries: np.ndarray, k: int) -> np.ndarray:
     self.build_ann()
+    if len(queries) == 0:
+      return np.zeros((0, k), np.int64)
     matches = self._ann.search(queries, k)
-    keys = np.asarray(matches.keys, np.int64).reshape(len(queries), -1)
+    if not hasattr(matches, "counts"):  # one query: usearch answers with the matches found, fewer than k maybe
+      found = np.asarray(matches.keys, np.int64)[:k]
+      return np.concatenate([found, np.full(k - len(found), -1, np.int64)])[None]
+    keys = np.asarray(matches.keys, np.int64).reshape(len(queries), k)
     counts = np.asarray(matches.counts).reshape(len(queries))
-    return np.where(np.arange(keys.shape[1])[None, :] < counts[:, None], keys, -1)
+    return np.where(np.arange(k)[None, :] < counts[:, None], keys, -1)
 
   def _checked_queries(self, queries) -> np.ndarray:
     self._require_items()

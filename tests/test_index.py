@@ -222,10 +222,14 @@ def test_usearch_recall_against_exact_and_its_saved_graph(tmp_path):
   np.testing.assert_allclose(approximate.distances[found], np.linalg.norm(
       embeddings[approximate.indices[found]] - np.repeat(queries, 10, axis=0).reshape(200, 10, 32)[found], axis=1),
       rtol=1e-5)  # distances are Euclidean, recomputed like the exact backend's
+  np.testing.assert_array_equal(index.search(queries[0], 10).indices, approximate.indices[:1])  # one query
   index.save(tmp_path / "index")
   assert (tmp_path / "index" / "ann.usearch").is_file()
   loaded = GalleryIndex.load(tmp_path / "index")
   np.testing.assert_array_equal(loaded.search(queries, 10).indices, approximate.indices)  # the saved graph
+  (tmp_path / "index" / "ann.usearch").write_bytes(b"damaged")  # rebuilt from the embeddings, with a warning
+  rebuilt = GalleryIndex.load(tmp_path / "index").search(queries, 10).indices
+  assert np.mean([len(set(a) & set(e)) / 10 for a, e in zip(rebuilt, exact.indices)]) >= 0.95
   loaded.remove(["0"])  # rows move: the graph is rebuilt when next needed, and not saved stale
   loaded.backend = "exact"
   loaded.save(tmp_path / "index")

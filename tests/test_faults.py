@@ -25,8 +25,8 @@ from test_multiprocess import (OVERRIDES, REPO, largest_difference, make_config,
 
 NUM_STEPS = 16
 # Adam with warm-up and a cosine schedule: a resume must restore the optimizer's moments and count too.
-KILL_OVERRIDES = {"training.num_steps": NUM_STEPS, "training.checkpoint_every": 4, "training.log_every": 2,
-                  "training.eval_every": 8, "parallel.num_devices": 1, "optim.name": "adam",
+KILL_OVERRIDES = {"train.num_steps": NUM_STEPS, "train.checkpoint_every": 4, "train.log_every": 2,
+                  "train.eval_every": 8, "parallel.num_devices": 1, "optim.name": "adam",
                   "optim.learning_rate": 1e-3, "optim.schedule": "cosine", "optim.warmup_steps": 2}
 
 
@@ -135,8 +135,8 @@ def poison_step(monkeypatch, bad_step: int) -> None:
 
 
 def nonfinite_config(**overrides):
-  settings = {"training.num_steps": 8, "training.log_every": 4, "training.checkpoint_every": 3, "training.eval_every": 0,
-              "training.max_checkpoints": 10}
+  settings = {"train.num_steps": 8, "train.log_every": 4, "train.checkpoint_every": 3, "train.eval_every": 0,
+              "train.max_checkpoints": 10}
   return make_config({**OVERRIDES, **settings, **overrides})
 
 
@@ -153,18 +153,18 @@ def test_nonfinite_loss_stops_with_its_step_and_is_never_saved(tmp_path, monkeyp
       training.train_and_evaluate(nonfinite_config(), tmp_path)
   assert len(fetches) == 3
   assert checkpoint.complete_steps(tmp_path / "checkpoints") == [3]
-  saved = read_state(tmp_path, {"training.max_checkpoints": 10})
+  saved = read_state(tmp_path, {"train.max_checkpoints": 10})
   assert int(saved.step) == 3
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(saved))
 
 
 def test_skip_nonfinite_updates_leaves_the_state_unchanged(tmp_path, monkeypatch, caplog):
   poison_step(monkeypatch, 5)
-  config = nonfinite_config(**{"training.skip_nonfinite_updates": True, "training.checkpoint_every": 1})
+  config = nonfinite_config(**{"train.skip_nonfinite_updates": True, "train.checkpoint_every": 1})
   results = training.train_and_evaluate(config, tmp_path)
   assert results["step"] == 8
   assert "Skipped 1 update(s) with a non-finite loss or gradient, at step(s) 5" in caplog.text
-  states = {step: read_state(tmp_path, {"training.max_checkpoints": 10}, step=step) for step in (4, 5, 6)}
+  states = {step: read_state(tmp_path, {"train.max_checkpoints": 10}, step=step) for step in (4, 5, 6)}
   for part in ("params", "model_state", "opt_state"):
     jax.tree.map(np.testing.assert_array_equal, getattr(states[5], part), getattr(states[4], part))
   assert largest_difference(states[6].params, states[5].params) > 1e-4  # training went on

@@ -32,8 +32,8 @@ NUM_STEPS = 8
 # in near-zero gradients into full steps; one device vs four differ the same way), so the comparison runs
 # a narrow model with plain SGD, where they stay near 1e-7 while the weights move by 1e-2.
 OVERRIDES = {
-    "data.source": "synthetic", "eval.lake_runs": False, "model.width": 8, "training.num_steps": NUM_STEPS,
-    "training.log_every": 2, "training.checkpoint_every": 4, "training.eval_every": 4,
+    "data.source": "synthetic", "eval.lake_runs": False, "model.width": 8, "train.num_steps": NUM_STEPS,
+    "train.log_every": 2, "train.checkpoint_every": 4, "train.eval_every": 4,
     "optim.name": "sgd", "optim.learning_rate": 0.01, "optim.momentum": 0.0, "optim.schedule": "constant",
     "optim.warmup_steps": 0,
 }

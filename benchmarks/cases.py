@@ -433,7 +433,7 @@ def index_case(*, num: int, backend: str, data: str, queries: int, k: int, repea
          "data": data, "classes": len(index.class_names), "queries": queries, "k": k,
          "build_seconds": build_seconds, **timing.as_dict("search_seconds"), "queries_per_s": queries / timing.median,
          "rss_start_mb": rss_start, "rss_after_data_mb": rss_data, "rss_after_build_mb": rss_built,
-         "max_rss_mb": common.process_max_rss_mb(), "embeddings_mb": gallery.nbytes / 2**20}
+         "max_rss_mb": common.peak_rss_mb(), "embeddings_mb": gallery.nbytes / 2**20}
   row["max_rss_beside_embeddings_mb"] = row["max_rss_mb"] - row["embeddings_mb"]
   if backend == "exact":
     np.save(exact_file, found[-1])

@@ -172,8 +172,24 @@ def process_max_rss_mb() -> float:
 
 def current_rss_mb() -> float:
   """Resident memory of this process now (MB), from /proc (Linux); 0 where it cannot be read."""
+  return _proc_status_mb("VmRSS")
+
+
+def peak_rss_mb() -> float:
+  """Peak resident memory of this process's own address space (MB, /proc's VmHWM; 0 where unreadable).
+
+  Unlike `process_max_rss_mb` (getrusage), which a child started by subprocess inherits from its parent
+  across exec (the kernel keeps the larger of the two), this is the child's alone.
+  """
+  return _proc_status_mb("VmHWM")
+
+
+def _proc_status_mb(field: str) -> float:
   try:
-    with open("/proc/self/statm") as file:
-      return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    with open("/proc/self/status") as file:
+      for line in file:
+        if line.startswith(field + ":"):
+          return int(line.split()[1]) / 1024.0  # kB
   except (OSError, ValueError, IndexError):
-    return 0.0
+    pass
+  return 0.0

@@ -55,7 +55,8 @@ UNKNOWN = "unknown"  # the label of a query rejected at the threshold
 QUERY_CHUNK = 512  # queries per device product
 GALLERY_CHUNK = 8192  # gallery rows per device product: [512, 8192] float32 blocks of 16 MB
 QUERIES_PER_PASS = 32768  # queries whose running top-k stays on the device during one pass over the gallery
-ROWS_PER_HOST_STEP = 65536  # rows per step of host-side work (finite checks, exact distances, usearch adds)
+ROWS_PER_HOST_STEP = 65536  # rows per step of host-side work (finite checks, usearch adds)
+HOST_BLOCK_VALUES = 2**20  # values per block of the exact distances' float64 differences
 
 
 @dataclasses.dataclass
@@ -479,7 +480,7 @@ def exact_distances(gallery: np.ndarray, queries: np.ndarray, indices: np.ndarra
   in float64 from the differences (exact where the norm expansion of the search is not), and each row
   re-sorted by it (stable: ties keep their order); a -1 (nothing found) gets inf and goes last."""
   distances = np.full(indices.shape, np.inf, np.float32)
-  step = max(1, ROWS_PER_HOST_STEP // max(indices.shape[1], 1))
+  step = max(1, HOST_BLOCK_VALUES // max(indices.shape[1] * gallery.shape[1], 1))  # float64 blocks of 8 MB
   for start in range(0, len(indices), step):
     rows = indices[start:start + step]
     found = rows >= 0

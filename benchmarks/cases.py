@@ -21,7 +21,7 @@ import numpy as np
 
 from siamese_jax import models, training
 from siamese_jax.data import pipeline, sampling
-from siamese_jax.index import GalleryIndex
+from siamese_jax.index import USEARCH_EXPANSION, GalleryIndex
 from siamese_jax.metrics import embedding, lake
 from siamese_jax.metrics import episodes as episode_metrics
 
@@ -389,6 +389,7 @@ def backbone_cases(name: str, config: ml_collections.ConfigDict, *, warmup: int,
 INDEX_DIM = 128
 INDEX_PER_CLASS = 10  # items per class of a clustered gallery
 INDEX_SPREAD = 0.5  # norm of the noise around a class centre (centres have norm 1), before normalising
+INDEX_DEFAULT_EXPANSION = USEARCH_EXPANSION  # the approximate search's default beam
 
 
 def index_vectors(num: int, centres: np.ndarray | None, rng: np.random.Generator, dim: int = INDEX_DIM):
@@ -407,9 +408,10 @@ def index_vectors(num: int, centres: np.ndarray | None, rng: np.random.Generator
 
 
 def index_case(*, num: int, backend: str, data: str, queries: int, k: int, repeats: int, exact_file: str,
-               seed: int = 0) -> dict[str, Any]:
+               expansions: tuple = (), seed: int = 0) -> list[dict[str, Any]]:
   """Build time, queries/s and memory of one gallery index, and recall@k of the approximate backend
-  against the exact results for the same queries (`exact_file`, written by the exact case before it)."""
+  against the exact results for the same queries (`exact_file`, written by the exact case before it);
+  for usearch, one row per search `expansion` (its default first), on the same graph."""
   rss_start = common.current_rss_mb()
   rng = np.random.default_rng(seed)
   centres = None
@@ -425,23 +427,29 @@ def index_case(*, num: int, backend: str, data: str, queries: int, k: int, repea
     index.build_ann()
   build_seconds = time.perf_counter() - start
   rss_built = common.current_rss_mb()
-  # Warm-up on one chunk of queries: the same compiled shapes as the timed calls (512-query chunks).
-  index.search(query[:512], k)
-  found = []
-  timing = common.time_repeated(lambda: found.append(index.search(query, k).indices), warmup=0, repeats=repeats)
-  row = {"case": f"{num:,} x {INDEX_DIM} {data}, {backend}", "backend": backend, "gallery": num, "dim": INDEX_DIM,
-         "data": data, "classes": len(index.class_names), "queries": queries, "k": k,
-         "build_seconds": build_seconds, **timing.as_dict("search_seconds"), "queries_per_s": queries / timing.median,
-         "rss_start_mb": rss_start, "rss_after_data_mb": rss_data, "rss_after_build_mb": rss_built,
-         "max_rss_mb": common.peak_rss_mb(), "embeddings_mb": gallery.nbytes / 2**20}
-  row["max_rss_beside_embeddings_mb"] = row["max_rss_mb"] - row["embeddings_mb"]
-  if backend == "exact":
-    np.save(exact_file, found[-1])
-  elif os.path.exists(exact_file):
-    exact = np.load(exact_file)
-    common_queries = min(len(exact), len(found[-1]))
-    approximate = found[-1][:common_queries]
-    hits = [len(np.intersect1d(a[a >= 0], e)) for a, e in zip(approximate, exact[:common_queries])]
-    row["recall_at_k"] = float(np.sum(hits) / (common_queries * k))
-    row["recall_queries"] = common_queries
-  return row
+  rows = []
+  for expansion in (INDEX_DEFAULT_EXPANSION, *expansions) if backend == "usearch" else (None,):
+    options = {"expansion": expansion} if expansion else {}
+    # Warm-up on one chunk of queries: the same compiled shapes as the timed calls (512-query chunks).
+    index.search(query[:512], k, **options)
+    found = []
+    timing = common.time_repeated(lambda: found.append(index.search(query, k, **options).indices), warmup=0,
+                                  repeats=repeats)
+    label = f"{num:,} x {INDEX_DIM} {data}, {backend}" + (f", expansion {expansion}" if expansion else "")
+    row = {"case": label, "backend": backend, "expansion": expansion, "gallery": num, "dim": INDEX_DIM,
+           "data": data, "classes": len(index.class_names), "queries": queries, "k": k,
+           "build_seconds": build_seconds if not rows else None, **timing.as_dict("search_seconds"),
+           "queries_per_s": queries / timing.median, "rss_start_mb": rss_start, "rss_after_data_mb": rss_data,
+           "rss_after_build_mb": rss_built, "max_rss_mb": common.peak_rss_mb(), "embeddings_mb": gallery.nbytes / 2**20}
+    row["max_rss_beside_embeddings_mb"] = row["max_rss_mb"] - row["embeddings_mb"]
+    if backend == "exact":
+      np.save(exact_file, found[-1])
+    elif os.path.exists(exact_file):
+      exact = np.load(exact_file)
+      common_queries = min(len(exact), len(found[-1]))
+      approximate = found[-1][:common_queries]
+      hits = [len(np.intersect1d(a[a >= 0], e)) for a, e in zip(approximate, exact[:common_queries])]
+      row["recall_at_k"] = float(np.sum(hits) / (common_queries * k))
+      row["recall_queries"] = common_queries
+    rows.append(row)
+  return rows

@@ -52,6 +52,7 @@ USEARCH_FILENAME = "ann.usearch"  # usearch's own file for the approximate backe
 
 BACKENDS = ("exact", "usearch")
 UNKNOWN = "unknown"  # the label of a query rejected at the threshold
+USEARCH_EXPANSION = 64  # the approximate search's default beam: usearch's own default expansion_search
 QUERY_CHUNK = 512  # queries per device product
 GALLERY_CHUNK = 8192  # gallery rows per device product: [512, 8192] float32 blocks of 16 MB
 QUERIES_PER_PASS = 32768  # queries whose running top-k stays on the device during one pass over the gallery
@@ -241,11 +242,13 @@ class GalleryIndex:
   # ------------------------------------------------------------------------------------------------
   # Search and classification
 
-  def search(self, queries, k: int = 10, *, backend: str | None = None) -> SearchResult:
+  def search(self, queries, k: int = 10, *, backend: str | None = None,
+             expansion: int = USEARCH_EXPANSION) -> SearchResult:
     """The k nearest items of each query embedding [Q, D] (or one [D]), by Euclidean distance.
 
-    `backend`: "exact" or "usearch" (approximate); default the index's. A k above the index's size is
-    lowered to it, with a note in the result.
+    `backend`: "exact" or "usearch" (approximate); default the index's. `expansion`: the approximate
+    search's beam (usearch's expansion_search): larger is slower and finds more of the true k nearest
+    (benchmarks/README.md measures both). A k above the index's size is lowered to it, with a note.
     """
     backend = _checked_backend(backend or self.backend)
     queries = self._checked_queries(queries)
@@ -257,7 +260,7 @@ class GalleryIndex:
     if backend == "exact":
       indices = exact_search(self._embeddings, queries, k)
     else:
-      indices = self._usearch_search(queries, k)
+      indices = self._usearch_search(queries, k, _checked_k(expansion, "expansion"))
     indices, distances = exact_distances(self._embeddings, queries, indices)
     found = indices >= 0
     rows = np.where(found, indices, 0)
@@ -306,10 +309,11 @@ class GalleryIndex:
       self._ann = _usearch_index(self.dim)
       _usearch_add(self._ann, self._embeddings, 0)
 
-  def _usearch_search(self, queries: np.ndarray, k: int) -> np.ndarray:
+  def _usearch_search(self, queries: np.ndarray, k: int, expansion: int) -> np.ndarray:
     self.build_ann()
     if len(queries) == 0:
       return np.zeros((0, k), np.int64)
+    self._ann.expansion_search = expansion
     matches = self._ann.search(queries, k)
     if not hasattr(matches, "counts"):  # one query: usearch answers with the matches found, fewer than k maybe
       found = np.asarray(matches.keys, np.int64)[:k]
@@ -510,7 +514,7 @@ def _usearch_index(dim: int):
     from usearch.index import Index
   except ImportError as error:
     raise UserError("backend='usearch' needs the usearch package: pip install 'siamese-jax[ann]'.") from error
-  return Index(ndim=dim, metric="l2sq", dtype="f32")  # usearch's defaults: connectivity 16, expansion 128 / 64
+  return Index(ndim=dim, metric="l2sq", dtype="f32")  # usearch's defaults: connectivity 16, expansion_add 128
 
 
 def _usearch_add(ann, embeddings: np.ndarray, first_row: int) -> None:
@@ -623,9 +627,9 @@ def _checked_ids(ids, num: int, existing: np.ndarray | None) -> np.ndarray:
   return ids
 
 
-def _checked_k(k) -> int:
+def _checked_k(k, name: str = "k") -> int:
   if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-    raise UserError(f"k={k!r}: expected a positive integer.")
+    raise UserError(f"{name}={k!r}: expected a positive integer.")
   return int(k)
 
 

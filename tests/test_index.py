@@ -223,6 +223,10 @@ def test_usearch_recall_against_exact_and_its_saved_graph(tmp_path):
       embeddings[approximate.indices[found]] - np.repeat(queries, 10, axis=0).reshape(200, 10, 32)[found], axis=1),
       rtol=1e-5)  # distances are Euclidean, recomputed like the exact backend's
   np.testing.assert_array_equal(index.search(queries[0], 10).indices, approximate.indices[:1])  # one query
+  wider = index.search(queries, 10, expansion=256).indices  # a wider beam: at least as close to exact here
+  assert np.mean([len(set(a) & set(e)) / 10 for a, e in zip(wider, exact.indices)]) >= recall
+  with pytest.raises(UserError, match=r"expansion=0: expected a positive integer"):
+    index.search(queries, 10, expansion=0)
   index.save(tmp_path / "index")
   assert (tmp_path / "index" / "ann.usearch").is_file()
   loaded = GalleryIndex.load(tmp_path / "index")

@@ -407,11 +407,12 @@ def index_vectors(num: int, centres: np.ndarray | None, rng: np.random.Generator
   return vectors, labels
 
 
-def index_case(*, num: int, backend: str, data: str, queries: int, k: int, repeats: int, exact_file: str,
-               expansions: tuple = (), seed: int = 0) -> list[dict[str, Any]]:
+def index_case(*, num: int, backend: str, data: str, queries: int, query_pool: int, k: int, repeats: int,
+               exact_file: str, expansions: tuple = (), seed: int = 0) -> list[dict[str, Any]]:
   """Build time, queries/s and memory of one gallery index, and recall@k of the approximate backend
   against the exact results for the same queries (`exact_file`, written by the exact case before it);
-  for usearch, one row per search `expansion` (its default first), on the same graph."""
+  for usearch, one row per search `expansion` (its default first), on the same graph. Every case of a
+  gallery draws the same `query_pool` queries and searches the first `queries` of them."""
   rss_start = common.current_rss_mb()
   rng = np.random.default_rng(seed)
   centres = None
@@ -419,7 +420,7 @@ def index_case(*, num: int, backend: str, data: str, queries: int, k: int, repea
     centres = rng.standard_normal((max(1, num // INDEX_PER_CLASS), INDEX_DIM)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
   gallery, labels = index_vectors(num, centres, np.random.default_rng(seed + 1))
-  query, _ = index_vectors(queries, centres, np.random.default_rng(seed + 2))
+  query = index_vectors(query_pool, centres, np.random.default_rng(seed + 2))[0][:queries]
   rss_data = common.current_rss_mb()
   start = time.perf_counter()
   index = GalleryIndex.from_embeddings(gallery, labels, backend=backend)

@@ -412,7 +412,8 @@ def section_index(context: Context) -> dict:
         queries = settings["index_queries"]
         if backend == "exact" and size >= 1_000_000:
           queries = settings["index_queries_1m_exact"]  # about 200 queries/s on 2 cores: keep it to seconds
-        spec = {"num": size, "backend": backend, "data": data, "queries": queries, "k": INDEX_K,
+        spec = {"num": size, "backend": backend, "data": data, "queries": queries,
+                "query_pool": settings["index_queries"], "k": INDEX_K,
                 "repeats": settings["index_repeats"], "exact_file": exact_file, "expansions": INDEX_EXPANSIONS}
         spec_path = pathlib.Path(folder) / "case.json"
         spec_path.write_text(json.dumps(spec))

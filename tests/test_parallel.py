@@ -53,7 +53,13 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+# Two of the four in CI (the pair head's replicated gradient, and a loss over the whole m-per-class batch);
+# the triplet and contrastive cases on demand (pytest -m slow), for the suite's 15 minutes.
+ON_DEMAND = ("triplet_batch_hard", "contrastive_pairs")
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in ON_DEMAND else c
+                                  for c in sorted(CASES)])
 def test_strategies_match_one_device(case):
   assert jax.device_count() == 4, "conftest sets 4 fake CPU devices"
   loss, kind, options = CASES[case]

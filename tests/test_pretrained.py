@@ -68,6 +68,7 @@ def final_params(workdir: pathlib.Path):
   return ocp.StandardCheckpointer().restore((workdir / "checkpoints" / str(NUM_STEPS) / "state").absolute())["params"]
 
 
+@pytest.mark.slow  # three fine-tuning runs (~2.5 min): the CI's end-to-end runs are Omniglot's (test_train.py)
 def test_folder_pretrained_smoke_resumes_bit_identical_and_evaluates(photo_folder, tmp_path):
   straight = tmp_path / "straight"
   done = subprocess.run(command(straight, photo_folder), cwd=REPO, env=environment(), capture_output=True,

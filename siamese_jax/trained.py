@@ -220,7 +220,7 @@ class ExportedModel:
     """float32 [N, D] embeddings of anything `TrainedModel.embed` takes (an ImageSource is read whole)."""
     del progress  # the served function runs in a few calls; nothing to show
     if isinstance(images, sources.ImageSource):
-      images = np.asarray(images[np.arange(len(images))])
+      images = pipeline.all_images(images)
     images = prepare_images(images, self.image_shape, invert=resolve_invert(invert, self), resize=self.resize)
     return self.served.embed(images, batch_size=batch_size or serving.DEFAULT_BATCH_SIZE)
 

@@ -18,8 +18,8 @@ import pytest
 from absl import flags
 
 import launch
-from siamese_jax import checkpoint, serving, training
-from siamese_jax.data import pipeline
+from siamese_jax import checkpoint, serving, trained, training
+from siamese_jax.data import pipeline, sources
 from siamese_jax.errors import UserError
 from siamese_jax.modes.ensemble import make_ensemble
 from siamese_jax.modes.evaluate import calibrate_workdir
@@ -225,3 +225,18 @@ def test_an_ensemble_and_a_pair_head_model_export_as_distance_models(tmp_path_fa
   served = serving.load_artifact(head_dir / "eval" / "model.zip")
   assert served.spec["threshold"]["scoring"] == "distance" and served.threshold == result["threshold"] > 0
   assert "holds the pair head's threshold; the artifact's is a distance threshold" in result["threshold_note"]
+
+
+def test_load_gives_the_served_file_the_trained_models_api(workdir, artifact):
+  # siamese_jax.load on the file: embed takes what TrainedModel.embed takes (here an ImageSource and one
+  # image of another size), compare decides at the exported threshold, as the trained model does.
+  served, model = trained.load(artifact), trained.load(workdir)
+  assert isinstance(served, trained.ExportedModel) and served.step == model.step
+  source = sources.synthetic_source(num_classes=3, per_class=2, image_shape=model.image_shape)
+  np.testing.assert_allclose(served.embed(source), model.embed(source), rtol=0, atol=1e-5)
+  image = np.zeros((40, 40), np.uint8)
+  compared, expected = served.compare(image, source[0]), model.compare(image, source[0])
+  assert compared.distance == pytest.approx(expected.distance, abs=1e-5)
+  assert compared.threshold == expected.threshold and compared.same == expected.same
+  with pytest.raises(UserError, match="is a served model file: it holds one checkpoint"):
+    trained.load(artifact, checkpoint="latest")

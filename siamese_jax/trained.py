@@ -112,17 +112,12 @@ class TrainedModel:
     """Two images (each anything `embed` takes, one image) compared: their embedding distance, the pair
     head's probability for a model with one, and same/different at `threshold` (in the units of the
     model's scoring: a distance, or a probability for a pair-head model) or else at the calibrated one."""
-    first, notes1 = _prepare(image1, self.image_shape, invert=resolve_invert(invert, self), resize=self.resize,
-                             name="image1")
-    second, notes2 = _prepare(image2, self.image_shape, invert=resolve_invert(invert, self), resize=self.resize,
-                              name="image2")
-    if len(first) != 1 or len(second) != 1:
-      raise UserError(f"compare takes one image each; got {len(first)} and {len(second)}.")
-    embeddings = embedding.embed_images(self.embed_fn, self.variables, np.concatenate([first, second]), 2, False)
+    images, notes = image_pair(self, image1, image2, invert)
+    embeddings = embedding.embed_images(self.embed_fn, self.variables, images, 2, False)
     probability = (float(self.scorer.pair_similarities(embeddings[:1], embeddings[1:])[0])
                    if self.has_pair_head else None)
     record = given_threshold(threshold, self.scorer.name) if threshold is not None else self.threshold
-    return decide(embeddings[0], embeddings[1], probability, record, notes1 + notes2)
+    return decide(embeddings[0], embeddings[1], probability, record, notes)
 
   def describe(self) -> dict:
     return {"step": self.step, "path": str(self.checkpoint_dir), "selected_by": self.selected_by,
@@ -226,14 +221,10 @@ class ExportedModel:
 
   def compare(self, image1, image2, *, invert: str | bool = "auto", threshold: float | None = None) -> Comparison:
     """As `TrainedModel.compare`, by embedding distance."""
-    flip = resolve_invert(invert, self)
-    first, notes1 = _prepare(image1, self.image_shape, invert=flip, resize=self.resize, name="image1")
-    second, notes2 = _prepare(image2, self.image_shape, invert=flip, resize=self.resize, name="image2")
-    if len(first) != 1 or len(second) != 1:
-      raise UserError(f"compare takes one image each; got {len(first)} and {len(second)}.")
-    embeddings = self.served.embed(np.concatenate([first, second]))
+    images, notes = image_pair(self, image1, image2, invert)
+    embeddings = self.served.embed(images)
     record = given_threshold(threshold, "distance") if threshold is not None else self.threshold
-    return decide(embeddings[0], embeddings[1], None, record, notes1 + notes2)
+    return decide(embeddings[0], embeddings[1], None, record, notes)
 
 
 def load(path: str | os.PathLike, *, checkpoint: str | os.PathLike = "best") -> TrainedModel | ExportedModel:
@@ -487,6 +478,17 @@ def _prepare(images: Any, image_shape: tuple[int, int, int], *, invert: bool, re
     converted[i] = sources.convert_image(pil, tuple(image_shape), resize=resize)
   return converted, [f"{name}: {len(array)} images of {array.shape[1:]} resized/converted to the model's "
                      f"{tuple(image_shape)}"]
+
+
+def image_pair(model, image1, image2, invert: str | bool) -> tuple[np.ndarray, list[str]]:
+  """uint8 [2, H, W, C] of two images for `model.compare` (each anything `prepare_images` takes, one image),
+  read as the model's files were, and the notes on them."""
+  flip = resolve_invert(invert, model)
+  first, notes1 = _prepare(image1, model.image_shape, invert=flip, resize=model.resize, name="image1")
+  second, notes2 = _prepare(image2, model.image_shape, invert=flip, resize=model.resize, name="image2")
+  if len(first) != 1 or len(second) != 1:
+    raise UserError(f"compare takes one image each; got {len(first)} and {len(second)}.")
+  return np.concatenate([first, second]), notes1 + notes2
 
 
 def prepare_images(images: Any, image_shape: tuple[int, int, int], *, invert: bool = False,

@@ -47,6 +47,7 @@ def default_config() -> ml_collections.ConfigDict:
   default kind) and the photo ranges (torchvision's RandomResizedCrop, flip and ColorJitter)."""
   config = ml_collections.ConfigDict()
   config.enabled = True  # False: images are only converted to float (to_float), no distortion
+  config.views = 1  # distorted copies of each image per step, side by side in the batch (supcon: 2)
   config.kind = "affine"  # affine: Koch et al. distortions (drawings) | photo: crop, flip, colour jitter
   # kind="affine":
   config.probability = 0.5  # chance that each of the 7 components (theta, rho_x/y, s_x/y, t_x/y) is applied

@@ -332,6 +332,240 @@ def prototypical(embeddings: jax.Array, labels: jax.Array) -> tuple[jax.Array, M
 
 
 # ----------------------------------------------------------------------------------------------------
+# Pair-weighting losses on cosine similarities (m-per-class batches).
+
+
+def _flat_cosine(name: str, embeddings: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """[B, k, D], [B, k] -> (cosine similarities [N, N], positive mask, negative mask) over the N = B*k rows."""
+  _check_layout(name, embeddings, labels)
+  flat = _l2_normalize(embeddings.astype(jnp.float32).reshape(-1, embeddings.shape[-1]))
+  similarity = jnp.matmul(flat, flat.T, precision=_PRECISION)
+  positive_mask, negative_mask = _pair_masks(labels.reshape(-1))
+  return similarity, positive_mask, negative_mask
+
+
+def _masked_logsumexp(values: jax.Array, mask: jax.Array, axis: int = -1) -> jax.Array:
+  """log(sum(exp(values)) over mask) along `axis`; -inf where the mask is empty, with finite gradients."""
+  masked = jnp.where(mask, values, -jnp.inf)
+  peak = jnp.max(masked, axis=axis, keepdims=True)
+  peak = jnp.where(jnp.isfinite(peak), jax.lax.stop_gradient(peak), 0.0)
+  # Masked before exp: an unmasked entry far above the peak would overflow to inf, and inf * 0 is the NaN
+  # of the backward pass.
+  total = jnp.sum(jnp.exp(jnp.where(mask, values - peak, -jnp.inf)), axis=axis)
+  any_in = jnp.any(mask, axis=axis)
+  return jnp.where(any_in, jnp.log(jnp.where(any_in, total, 1.0)) + jnp.squeeze(peak, axis), -jnp.inf)
+
+
+def _log1p_sum_exp(values: jax.Array, mask: jax.Array, axis: int = -1) -> jax.Array:
+  """log(1 + sum(exp(values)) over mask): softplus of the masked logsumexp (0 where the mask is empty)."""
+  return jax.nn.softplus(_masked_logsumexp(values, mask, axis))
+
+
+def multi_similarity(embeddings: jax.Array, labels: jax.Array, *, alpha: float = 2.0, beta: float = 50.0,
+                     base: float = 0.5, epsilon: float = 0.1, mining: bool = True) -> tuple[jax.Array, Metrics]:
+  """Wang et al. 2019, multi-similarity loss with its pair miner, on cosine similarities S:
+
+    per anchor i:  1/alpha log(1 + sum_p exp(-alpha (S_ip - base))) + 1/beta log(1 + sum_n exp(beta (S_in - base)))
+
+  mining=True keeps a negative n iff S_in > min_p S_ip - epsilon (harder than the easiest positive) and a
+  positive p iff S_ip < max_n S_in + epsilon (harder than the hardest negative); an anchor without negatives
+  keeps no positive and one without positives no negative. The loss is the mean over anchors with a
+  positive in the batch (0 when there is none); a single-class batch trains only without mining.
+
+  alpha, beta: how sharply the positive / negative terms weight their hardest pairs (the paper's 2 and 50);
+  base: the similarity that splits positives from negatives (lambda, 0.5 for CUB/Cars in the paper).
+  Metrics: mined_positive_fraction and mined_negative_fraction of the valid pairs that the miner kept.
+  """
+  similarity, positive_mask, negative_mask = _flat_cosine("multi_similarity", embeddings, labels)
+  if mining:
+    hardest_negative = jnp.max(jnp.where(negative_mask, similarity, -jnp.inf), axis=1, keepdims=True)
+    easiest_positive = jnp.min(jnp.where(positive_mask, similarity, jnp.inf), axis=1, keepdims=True)
+    kept_positive = positive_mask & (similarity < hardest_negative + epsilon)
+    kept_negative = negative_mask & (similarity > easiest_positive - epsilon)
+  else:
+    kept_positive, kept_negative = positive_mask, negative_mask
+  positive_term = _log1p_sum_exp(-alpha * (similarity - base), kept_positive) / alpha
+  negative_term = _log1p_sum_exp(beta * (similarity - base), kept_negative) / beta
+  has_positive = jnp.any(positive_mask, axis=1)
+  metrics = {
+      "mined_positive_fraction": jnp.sum(kept_positive) / jnp.maximum(jnp.sum(positive_mask), 1),
+      "mined_negative_fraction": jnp.sum(kept_negative) / jnp.maximum(jnp.sum(negative_mask), 1),
+  }
+  return _masked_mean(positive_term + negative_term, has_positive), metrics
+
+
+def circle(embeddings: jax.Array, labels: jax.Array, *, margin: float = 0.25,
+           gamma: float = 256.0) -> tuple[jax.Array, Metrics]:
+  """Sun et al. 2020, circle loss with class-level labels, on cosine similarities s:
+
+    per anchor:  softplus(logsumexp_n(gamma a_n (s_n - m)) + logsumexp_p(-gamma a_p (s_p - (1 - m))))
+    a_p = max(0, 1 + m - s_p),  a_n = max(0, s_n + m)   (weights, held constant in the gradient)
+
+  Each similarity is pushed by how far it is from its optimum (1 + m for positives, -m for negatives), so
+  pairs near their optimum stop pulling. margin: relaxation m (0.25 in the paper); gamma: scale (256).
+  The loss is the mean over anchors with a positive and a negative (0 when there is none).
+  Metrics: active_fraction, the anchors whose hardest positive is not above their hardest negative by m.
+  """
+  similarity, positive_mask, negative_mask = _flat_cosine("circle", embeddings, labels)
+  alpha_positive = jax.lax.stop_gradient(jax.nn.relu(1.0 + margin - similarity))
+  alpha_negative = jax.lax.stop_gradient(jax.nn.relu(similarity + margin))
+  negative_logits = gamma * alpha_negative * (similarity - margin)
+  positive_logits = -gamma * alpha_positive * (similarity - (1.0 - margin))
+  valid = jnp.any(positive_mask, axis=1) & jnp.any(negative_mask, axis=1)
+  combined = (_masked_logsumexp(negative_logits, negative_mask) + _masked_logsumexp(positive_logits, positive_mask))
+  per_anchor = jax.nn.softplus(jnp.where(valid, combined, 0.0))
+  hardest_positive = jnp.min(jnp.where(positive_mask, similarity, jnp.inf), axis=1)
+  hardest_negative = jnp.max(jnp.where(negative_mask, similarity, -jnp.inf), axis=1)
+  metrics = {"active_fraction": _masked_mean((hardest_positive - hardest_negative < margin).astype(jnp.float32),
+                                             valid)}
+  return _masked_mean(per_anchor, valid), metrics
+
+
+def lifted_structure(embeddings: jax.Array, labels: jax.Array, *, margin: float = 1.0) -> tuple[jax.Array, Metrics]:
+  """Oh Song et al. 2016, lifted structured loss (their eq. 4), on Euclidean distances D:
+
+    J_ij = log(sum_{k neg of i} exp(margin - D_ik) + sum_{l neg of j} exp(margin - D_jl)) + D_ij
+    loss = 1 / (2 |P|) sum over positive pairs {i, j} of max(0, J_ij)^2
+
+  Every positive pair is set against every negative of either end (the "lifted" batch), softly by the
+  log-sum-exp. Pairs with no negative at either end are left out; 0 when no pair is left.
+  Metrics: active_fraction of the positive pairs with J > 0.
+  """
+  _check_layout("lifted_structure", embeddings, labels)
+  flat = embeddings.astype(jnp.float32).reshape(-1, embeddings.shape[-1])
+  distances = _pairwise_distances(flat, "euclidean")
+  positive_mask, negative_mask = _pair_masks(labels.reshape(-1))
+  has_negative = jnp.any(negative_mask, axis=1)
+  # [N]: log sum over i's negatives; a row without any gets a finite stand-in, as logaddexp's gradient at
+  # (-inf, -inf) is NaN (its pairs are masked out below unless the other end has negatives).
+  per_row = jnp.where(has_negative, _masked_logsumexp(margin - distances, negative_mask), -1e30)
+  both = jnp.logaddexp(per_row[:, None], per_row[None, :])
+  valid = positive_mask & (has_negative[:, None] | has_negative[None, :])
+  j = jnp.where(valid, both + distances, 0.0)
+  # Ordered pairs count each unordered pair twice, so 1/(2|P|) over unordered pairs is half their mean.
+  loss = 0.5 * _masked_mean(jnp.square(jax.nn.relu(j)), valid)
+  return loss, {"active_fraction": _masked_mean((j > 0).astype(jnp.float32), valid)}
+
+
+def supcon(embeddings: jax.Array, labels: jax.Array, *, temperature: float = 0.1,
+           supervised: bool = True) -> tuple[jax.Array, Metrics]:
+  """Khosla et al. 2020, supervised contrastive loss (their L_out), or NT-Xent (SimCLR) with supervised=False:
+
+    per anchor i:  -1/|P(i)| sum_{p in P(i)} log(exp(z_i.z_p / t) / sum_{a != i} exp(z_i.z_a / t))
+
+  on L2-normalised z. P(i): the other rows of i's class (supervised), or the other rows of i's batch
+  element (supervised=False: the k rows of element b are k augmented views of one image, which is what
+  `augment.views=2` makes; labels are then not used). Mean over anchors with a positive (0 when none).
+  temperature: t (0.1 in Khosla et al.; SimCLR used 0.5 at large batches).
+  Metrics: positive_rank1, the fraction of anchors whose most similar other row is a positive.
+  """
+  _check_layout("supcon", embeddings, labels)
+  batch, k = labels.shape
+  groups = labels if supervised else jnp.broadcast_to(jnp.arange(batch)[:, None], (batch, k))
+  similarity, positive_mask, _ = _flat_cosine("supcon", embeddings, groups)
+  logits = similarity / temperature
+  others = ~jnp.eye(logits.shape[0], dtype=bool)
+  log_probability = logits - _masked_logsumexp(logits, others)[:, None]
+  num_positives = jnp.sum(positive_mask, axis=1)
+  per_anchor = -jnp.sum(jnp.where(positive_mask, log_probability, 0.0), axis=1) / jnp.maximum(num_positives, 1)
+  valid = num_positives > 0
+  nearest = jnp.argmax(jnp.where(others, similarity, -jnp.inf), axis=1)
+  rank1 = jnp.take_along_axis(positive_mask, nearest[:, None], axis=1)[:, 0]
+  return _masked_mean(per_anchor, valid), {"positive_rank1": _masked_mean(rank1.astype(jnp.float32), valid)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Proxy losses: one learned vector per training class (the loss's own parameters, not the model's).
+
+
+def _class_cosines(name: str, embeddings: jax.Array, labels: jax.Array,
+                   proxies: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(cosine of every row to every class proxy [N, C], the rows' labels [N])."""
+  _check_layout(name, embeddings, labels)
+  if proxies.ndim != 2 or proxies.shape[1] != embeddings.shape[-1]:
+    raise UserError(f"loss {name!r}: proxies must be [num_classes, {embeddings.shape[-1]}], "
+                    f"got {tuple(proxies.shape)}")
+  flat = _l2_normalize(embeddings.astype(jnp.float32).reshape(-1, embeddings.shape[-1]))
+  cosines = jnp.matmul(flat, _l2_normalize(proxies.astype(jnp.float32)).T, precision=_PRECISION)
+  return cosines, labels.reshape(-1)
+
+
+def proxy_anchor(embeddings: jax.Array, labels: jax.Array, proxies: jax.Array, *, margin: float = 0.1,
+                 alpha: float = 32.0) -> tuple[jax.Array, Metrics]:
+  """Kim et al. 2020, proxy-anchor loss, on cosines s(x, p) between embeddings and class proxies:
+
+    1/|P+| sum_{p in P+} log(1 + sum_{x of class p} exp(-alpha (s(x, p) - margin)))
+      + 1/|P| sum_{p in P} log(1 + sum_{x not of class p} exp(alpha (s(x, p) + margin)))
+
+  P: every class's proxy; P+: those of the classes in the batch. Each proxy is an anchor that pulls its
+  class's examples and pushes the others, weighted by how hard each is. The proxies train with the model
+  (optim.proxy_lr_multiplier: Kim et al. give them 100x the learning rate). margin: delta (0.1);
+  alpha: scale (32). Metrics: proxies_in_batch (|P+|), accuracy (nearest proxy is the row's class).
+  """
+  cosines, flat_labels = _class_cosines("proxy_anchor", embeddings, labels, proxies)
+  num_classes = proxies.shape[0]
+  member = flat_labels[:, None] == jnp.arange(num_classes)[None, :]  # [N, C]
+  in_batch = jnp.any(member, axis=0)
+  positive = _log1p_sum_exp(-alpha * (cosines - margin), member, axis=0)  # [C]
+  negative = _log1p_sum_exp(alpha * (cosines + margin), ~member, axis=0)  # [C]
+  loss = _masked_mean(positive, in_batch) + jnp.mean(negative)
+  metrics = {"proxies_in_batch": jnp.sum(in_batch).astype(jnp.float32),
+             "accuracy": jnp.mean((jnp.argmax(cosines, axis=1) == flat_labels).astype(jnp.float32))}
+  return loss, metrics
+
+
+def _margin_softmax(name: str, embeddings, labels, proxies, scale: float, target_logit) -> tuple[jax.Array, Metrics]:
+  """Softmax cross-entropy over scale * cosines to the class proxies, the target's cosine replaced by
+  target_logit(cosine); the cosine classifier shared by ArcFace and CosFace."""
+  cosines, flat_labels = _class_cosines(name, embeddings, labels, proxies)
+  target = jax.nn.one_hot(flat_labels, proxies.shape[0], dtype=bool)
+  logits = scale * jnp.where(target, target_logit(cosines), cosines)
+  loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, flat_labels))
+  return loss, {"accuracy": jnp.mean((jnp.argmax(cosines, axis=1) == flat_labels).astype(jnp.float32))}
+
+
+def arcface(embeddings: jax.Array, labels: jax.Array, proxies: jax.Array, *, scale: float = 64.0,
+            margin: float = 0.5) -> tuple[jax.Array, Metrics]:
+  """Deng et al. 2019, ArcFace (additive angular margin): softmax cross-entropy over scale * cos(theta_j),
+  with the target class's angle widened to theta_y + margin. Past theta_y = pi - margin, where cos(theta +
+  margin) would turn back up, the target logit is cos(theta_y) - margin sin(pi - margin) (insightface's
+  fallback). The class proxies are the classifier's weights (optim.proxy_lr_multiplier sets their learning
+  rate). scale: s (64 in the paper); margin: m in radians (0.5). Metrics: accuracy of the nearest proxy.
+  """
+  sin_m, cos_m = jnp.sin(margin), jnp.cos(margin)
+  threshold, fallback = jnp.cos(jnp.pi - margin), jnp.sin(jnp.pi - margin) * margin
+
+  def target_logit(cosine):
+    # sin(theta) through the safe sqrt: its gradient is finite at cos = +-1 (identical vectors).
+    sine = _safe_sqrt(jnp.clip(1.0 - jnp.square(cosine), 0.0, 1.0))
+    return jnp.where(cosine > threshold, cosine * cos_m - sine * sin_m, cosine - fallback)
+
+  return _margin_softmax("arcface", embeddings, labels, proxies, scale, target_logit)
+
+
+def cosface(embeddings: jax.Array, labels: jax.Array, proxies: jax.Array, *, scale: float = 64.0,
+            margin: float = 0.35) -> tuple[jax.Array, Metrics]:
+  """Wang et al. 2018, CosFace (large margin cosine loss): softmax cross-entropy over scale * cos(theta_j),
+  with margin subtracted from the target class's cosine. scale: s (64); margin: m (0.35).
+  Metrics: accuracy of the nearest proxy."""
+  return _margin_softmax("cosface", embeddings, labels, proxies, scale, lambda cosine: cosine - margin)
+
+
+def init_loss_params(name: str, options: Mapping[str, Any] | None = None, *, num_classes: int,
+                     embedding_dim: int, key: jax.Array) -> jax.Array | None:
+  """The loss's own parameters at initialisation: class proxies [num_classes, embedding_dim] for the losses
+  in PROXY_LOSSES (normal with std sqrt(2 / num_classes), He initialisation over the classes as Kim et al.
+  initialise theirs; only their direction matters), None for every other loss."""
+  validate_loss_options(name, dict(options or {}))
+  if name not in PROXY_LOSSES:
+    return None
+  if num_classes < 2:
+    raise UserError(f"loss {name!r} learns one proxy per training class and needs at least 2 classes, "
+                    f"got {num_classes}")
+  return jax.random.normal(key, (num_classes, embedding_dim), jnp.float32) * jnp.sqrt(2.0 / num_classes)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Registry.
 
 LOSSES: dict[str, LossFn] = {
@@ -339,11 +573,22 @@ LOSSES: dict[str, LossFn] = {
     "contrastive": contrastive,
     "triplet": triplet,
     "prototypical": prototypical,
+    "multi_similarity": multi_similarity,
+    "circle": circle,
+    "lifted_structure": lifted_structure,
+    "supcon": supcon,
+    "proxy_anchor": proxy_anchor,
+    "arcface": arcface,
+    "cosface": cosface,
 }
 
 # Losses that score pairs with the model's pair head (`model.pair_logits`): the train step passes the
 # head to these as their third input, and only to these; a model with a head trains only with them.
 PAIR_HEAD_LOSSES = frozenset({"koch_bce"})
+
+# Losses with parameters of their own, one proxy per training class (`init_loss_params`): the train step
+# passes them as the third input, trains them beside the model and checkpoints them; embed_fn never sees them.
+PROXY_LOSSES = frozenset({"proxy_anchor", "arcface", "cosface"})
 
 
 def get_loss(name: str) -> LossFn:
@@ -375,12 +620,23 @@ def validate_loss_options(name: str, options: Mapping[str, Any]) -> None:
       raise UserError(f"loss {name!r} has no option {key!r}; valid options: {valid}")
   if "distance" in options:
     _check_choice("distance", options["distance"], DISTANCES)
-  if "mining" in options:
+  if "mining" in options and isinstance(allowed["mining"], str):
     _check_choice("mining", options["mining"], MINING)
-  if "margin" in options:
-    margin = options["margin"]
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0:
-      raise UserError(f"loss {name!r}: option margin={margin!r} must be a number >= 0")
+  for key, value in options.items():
+    default = allowed[key]
+    if isinstance(default, bool) and not isinstance(value, bool):
+      raise UserError(f"loss {name!r}: option {key}={value!r} must be True or False")
+    if isinstance(default, float):
+      is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+      positive, non_negative = key in _POSITIVE_OPTIONS, key in _NON_NEGATIVE_OPTIONS
+      if not is_number or (positive and value <= 0) or (non_negative and value < 0):
+        expected = " > 0" if positive else " >= 0" if non_negative else ""
+        raise UserError(f"loss {name!r}: option {key}={value!r} must be a number{expected}")
+
+
+# Options whose value divides or scales logits must be positive; margins and mining slack cannot be negative.
+_POSITIVE_OPTIONS = frozenset({"alpha", "beta", "gamma", "temperature", "scale"})
+_NON_NEGATIVE_OPTIONS = frozenset({"margin", "epsilon"})
 
 
 def batch_kind(name: str, options: Mapping[str, Any] | None = None) -> str:

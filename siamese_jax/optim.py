@@ -47,6 +47,8 @@ def default_config() -> ml_collections.ConfigDict:
   config.backbone_learning_rate = -1.0  # peak lr of the pretrained backbone's trainable part; -1 = learning_rate
   config.backbone_warmup_steps = -1  # its linear warm-up; -1 = warmup_steps
   config.unfreeze_after_steps = 0  # frozen stages (model.freeze_until) train from this step on; 0 = never
+  # Losses with class proxies (proxy_anchor, arcface, cosface) only:
+  config.proxy_lr_multiplier = 1.0  # the proxies' peak lr = learning_rate x this (Kim et al.'s proxy-anchor: 100)
   return config
 
 
@@ -75,7 +77,7 @@ def _validate(fields: dict[str, Any], steps_per_epoch: int, global_batch_size: i
   if fields["schedule"] not in SCHEDULES:
     raise UserError(
         f"optimizer.schedule={fields['schedule']!r} is not known; choose one of {', '.join(SCHEDULES)}")
-  for field in ("learning_rate", "decay_factor", "decay_per_epoch"):
+  for field in ("learning_rate", "decay_factor", "decay_per_epoch", "proxy_lr_multiplier"):
     _require(_is_number(fields[field]) and fields[field] > 0, field, fields[field], "a number > 0")
   for field in ("weight_decay", "clip_grad_norm"):
     _require(_is_number(fields[field]) and fields[field] >= 0, field, fields[field], "a number >= 0")
@@ -181,6 +183,17 @@ def create_optimizer(config: ml_collections.ConfigDict | Mapping[str, Any], *, s
   parts = {"head": optax.chain(*_update_rule(fields, schedule)),
            "backbone": optax.chain(*_update_rule(fields, backbone_schedule)), "frozen": frozen}
   return optax.chain(*clip, optax.multi_transform(parts, labels)), schedule
+
+
+def create_proxy_optimizer(config: ml_collections.ConfigDict | Mapping[str, Any], *, steps_per_epoch: int,
+                           global_batch_size: int) -> optax.GradientTransformation:
+  """The update rule of a loss's own parameters (class proxies): the model's optimizer and schedule, at
+  proxy_lr_multiplier times its peak learning rate; no gradient clipping (the model's clip is its own)."""
+  fields = _fields(config)
+  _validate(fields, steps_per_epoch, global_batch_size)
+  scale = global_batch_size / fields["base_batch_size"] if fields["scale_lr_by_batch"] else 1.0
+  peak = float(fields["learning_rate"]) * scale * float(fields["proxy_lr_multiplier"])
+  return optax.chain(*_update_rule(fields, _schedule(fields, peak, steps_per_epoch)))
 
 
 class _StartAtState(NamedTuple):

@@ -49,18 +49,23 @@ class TrainState:
   params: Any  # nnx.State of nnx.Param
   model_state: Any  # nnx.State of everything else (BatchNorm statistics)
   opt_state: Any  # optax state
+  # The loss's own parameters (class proxies of losses.PROXY_LOSSES) and their optimizer state; None for
+  # every other loss. Checkpointed with the rest; not part of the model, so embed_fn never sees them.
+  loss_params: Any = None
+  loss_opt_state: Any = None
 
 
 def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTransformation,
                schedule: Callable, loss_fn: Callable, loss_options: dict, augment_config,
-               seed: int, loss_uses_pair_head: bool = False,
+               seed: int, loss_uses_pair_head: bool = False, loss_tx: optax.GradientTransformation | None = None,
                skip_nonfinite_updates: bool = False, frozen: Any = None) -> tuple[TrainState, dict]:
   """One optimizer step, written per device with collectives over `AXIS` (see parallel.py).
 
   Each example's distortion key is fold_in(step key, its index in the *global* batch), and embeddings
   are all-gathered before the loss, so the step computes the same numbers on 1 or N devices.
   `loss_uses_pair_head` (`losses.needs_pair_head`) passes the model's pair head to the loss as its
-  third input.
+  third input; a loss with parameters of its own (`state.loss_params`, class proxies) gets them there
+  instead, and `loss_tx` updates them.
 
   `metrics["finite"]` says whether the loss and gradient were finite; it stays on the device (the loop
   checks it at its periodic fetch). With `skip_nonfinite_updates` a non-finite step leaves parameters,
@@ -74,10 +79,13 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTr
   local_batch = batch["labels"].shape[0]
   step_key = jax.random.fold_in(jax.random.key(seed), state.step)
   example_ids = jax.lax.axis_index(AXIS) * local_batch + jnp.arange(local_batch)
-  images = augment_examples(step_key, example_ids, batch["images"], augment_config)  # float [b,k,H,W,C]
-  labels = jax.lax.all_gather(batch["labels"], AXIS, tiled=True)
+  images = augment_examples(step_key, example_ids, batch["images"], augment_config,
+                            num_devices * local_batch)  # float [b, k * views, H, W, C]
+  views = images.shape[1] // batch["labels"].shape[1]
+  labels = jax.lax.all_gather(jnp.tile(batch["labels"], (1, views)), AXIS, tiled=True)
 
-  def loss_of(params):
+  def loss_of(trained):
+    params, loss_params = trained
     if frozen is not None:
       params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
     model = nnx.merge(graphdef, params, state.model_state, copy=True)
@@ -87,34 +95,54 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTr
     # Every device computes the loss of the global batch; dividing by the device count makes the psum of
     # the per-device gradients below (all_gather transposes to a sum) equal the one-device gradient.
     all_embeddings = jax.lax.all_gather(embeddings, AXIS, tiled=True)
-    head = (model.pair_logits,) if loss_uses_pair_head else ()
-    loss, metrics = loss_fn(all_embeddings, labels, *head, **loss_options)
+    extra = (model.pair_logits,) if loss_uses_pair_head else ()
+    extra += (loss_params,) if loss_params is not None else ()
+    loss, metrics = loss_fn(all_embeddings, labels, *extra, **loss_options)
     _, _, new_model_state = nnx.split(model, nnx.Param, ...)
     return loss / num_devices, (loss, metrics, new_model_state)
 
-  grads, (loss, metrics, model_state) = jax.grad(loss_of, has_aux=True)(state.params)
-  grads = jax.lax.psum(grads, AXIS)
+  (grads, loss_grads), (loss, metrics, model_state) = jax.grad(loss_of, has_aux=True)(
+      (state.params, state.loss_params))
+  grads, loss_grads = jax.lax.psum((grads, loss_grads), AXIS)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  grad_norm = optax.global_norm(grads)
+  loss_params, loss_opt_state = state.loss_params, state.loss_opt_state
+  if loss_params is not None:
+    loss_updates, loss_opt_state = loss_tx.update(loss_grads, loss_opt_state, loss_params)
+    loss_params = optax.apply_updates(loss_params, loss_updates)
+  grad_norm = optax.global_norm((grads, loss_grads))
   # The global norm is non-finite iff some gradient is (or their squares overflow float32: as bad).
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  new = (params, model_state, opt_state, loss_params, loss_opt_state)
   if skip_nonfinite_updates:
     # A select, not a branch: no host round trip, and the same program for every step.
-    params, model_state, opt_state = jax.tree.map(
-        lambda new, old: jnp.where(finite, new, old), (params, model_state, opt_state),
-        (state.params, state.model_state, state.opt_state))
+    old = (state.params, state.model_state, state.opt_state, state.loss_params, state.loss_opt_state)
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   metrics = dict(metrics, loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step), finite=finite)
-  new_state = TrainState(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state)
+  params, model_state, opt_state, loss_params, loss_opt_state = new
+  new_state = TrainState(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state,
+                         loss_params=loss_params, loss_opt_state=loss_opt_state)
   return new_state, metrics
 
 
-def augment_examples(step_key, example_ids, images, augment_config):
-  """uint8 [b,k,H,W,C] -> float [b,k,H,W,C]; every image of every example gets its own distortion."""
+def augment_examples(step_key, example_ids, images, augment_config, global_batch_size: int | None = None):
+  """uint8 [b,k,H,W,C] -> float [b, k * views, H, W, C]; every image of every example gets its own distortion.
+
+  With `augment.views` = V > 1 each image is distorted V times, the views side by side along k (view v of
+  row j at v * k + j); view 0 keeps the one-view keys, view v >= 1 folds in global_batch_size + v first, so
+  no two views share a key and the numbers do not depend on the device count.
+  """
   if not augment_config.enabled:
     return augment.to_float(images)
-  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(step_key, example_ids)
-  return jax.vmap(augment.distortion(augment_config))(keys, images)
+  distort = jax.vmap(augment.distortion(augment_config))
+  num_views = augment_config.get("views", 1)
+  if num_views > 1 and global_batch_size is None:
+    raise ValueError("augment.views > 1 needs the global batch size (the view keys are folded past it)")
+  views = []
+  for view in range(num_views):
+    view_key = step_key if view == 0 else jax.random.fold_in(step_key, global_batch_size + view)
+    views.append(distort(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(view_key, example_ids), images))
+  return views[0] if len(views) == 1 else jnp.concatenate(views, axis=1)
 
 
 @dataclasses.dataclass
@@ -131,6 +159,7 @@ class Setup:
   loss_fn: Callable
   loss_options: dict
   loss_uses_pair_head: bool  # `losses.needs_pair_head`: the train step passes the model's head to the loss
+  loss_tx: optax.GradientTransformation | None  # updates the loss's own parameters (state.loss_params)
   # `models.make_pair_probability_fn` for a model with a pair head (it is scored by it), else None;
   # built once, so validating every eval_every steps reuses one compiled head.
   pair_probability: Callable | None = None
@@ -161,6 +190,7 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
       same_group_negative_probability=config.sampling.same_group_negative_probability,
       classes_per_group=config.sampling.classes_per_group)
   losses.check_batch_kind(config.loss.name, loss_options, sampler.kind)
+  check_views(config, loss_options)
   model = models.create(config.model, image_shape=train_source.image_shape, rngs=nnx.Rngs(config.seed))
   if models.load_pretrained(model, config.model):
     print(f"Backbone weights from {config.model.pretrained}", flush=True)
@@ -191,12 +221,38 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   if labels is not None and not optim_config.get("unfreeze_after_steps", 0):
     frozen = jax.tree.map(lambda label: label == "frozen", labels)
     frozen = frozen if any(jax.tree.leaves(frozen)) else None
+  embedding_shape = jax.eval_shape(lambda p, s, x: nnx.merge(graphdef, p, s)(x)[0], params, model_state,
+                                   jax.ShapeDtypeStruct((1,) + tuple(train_source.image_shape), jnp.float32))
+  loss_params = losses.init_loss_params(
+      config.loss.name, loss_options, num_classes=len(train_source.class_names),
+      embedding_dim=embedding_shape.shape[-1], key=jax.random.fold_in(jax.random.key(config.seed), 1))
+  loss_tx = None
+  if loss_params is not None:
+    loss_tx = optim.create_proxy_optimizer(optim_config, steps_per_epoch=steps_per_epoch,
+                                           global_batch_size=config.sampling.batch_size)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-                     opt_state=tx.init(params))
+                     opt_state=tx.init(params), loss_params=loss_params,
+                     loss_opt_state=loss_tx.init(loss_params) if loss_tx else None)
   pair_probability = (models.make_pair_probability_fn(models.make_pair_logits_fn(graphdef))
                       if models.has_pair_head(model) else None)
   return Setup(splits, parallel, graphdef, state, tx, schedule, sampler, loss_fn, loss_options,
-               loss_uses_pair_head, pair_probability, frozen)
+               loss_uses_pair_head, loss_tx, pair_probability, frozen)
+
+
+def check_views(config: ml_collections.ConfigDict, loss_options: dict) -> None:
+  """augment.views > 1 doubles (or more) the rows of every example, which only in-batch losses can read."""
+  views = config.augment.get("views", 1)
+  if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+    raise UserError(f"augment.views={views!r} is not valid: expected an integer >= 1")
+  if views == 1:
+    return
+  if not config.augment.enabled:
+    raise UserError(f"augment.views={views} makes copies that differ only by their distortion, but "
+                    "augment.enabled=False; enable augmentation or set augment.views=1")
+  if losses.batch_kind(config.loss.name, loss_options) != "m_per_class":
+    raise UserError(f"augment.views={views} puts the views of an image side by side in a batch row, which "
+                    f"loss.name={config.loss.name!r} reads as fixed pairs or triplets; use augment.views=1 or "
+                    "an in-batch loss such as supcon")
 
 
 def bind_train_step(built: Setup, config: ml_collections.ConfigDict) -> Callable:
@@ -205,7 +261,8 @@ def bind_train_step(built: Setup, config: ml_collections.ConfigDict) -> Callable
   return functools.partial(
       train_step, graphdef=built.graphdef, tx=built.tx, schedule=built.schedule, loss_fn=built.loss_fn,
       loss_options=built.loss_options, augment_config=config.augment, seed=config.seed,
-      loss_uses_pair_head=built.loss_uses_pair_head, skip_nonfinite_updates=config.train.skip_nonfinite_updates,
+      loss_uses_pair_head=built.loss_uses_pair_head, loss_tx=built.loss_tx,
+      skip_nonfinite_updates=config.train.skip_nonfinite_updates,
       frozen=built.frozen)
 
 

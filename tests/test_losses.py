@@ -414,9 +414,10 @@ def test_prototypical_masks_singletons_and_gradient_is_finite():
 
 
 def test_registry_and_unknown_name():
-  assert set(losses.LOSSES) == {"koch_bce", "contrastive", "triplet", "prototypical"}
+  assert set(losses.LOSSES) == {"koch_bce", "contrastive", "triplet", "prototypical", "multi_similarity", "circle",
+                                "lifted_structure", "supcon", "proxy_anchor", "arcface", "cosface"}
   assert losses.get_loss("triplet") is losses.triplet
-  with pytest.raises(UserError, match="contrastive, koch_bce, prototypical, triplet"):
+  with pytest.raises(UserError, match="arcface, circle, contrastive, cosface, koch_bce, lifted_structure"):
     losses.get_loss("tripplet")
 
 
@@ -424,10 +425,11 @@ def test_only_the_pair_head_losses_take_the_head():
   """The registry says which losses score pairs with the model's head; the others have no such input."""
   assert [name for name in sorted(losses.LOSSES) if losses.needs_pair_head(name)] == ["koch_bce"]
   assert list(inspect.signature(losses.koch_bce).parameters)[:3] == ["embeddings", "labels", "pair_logits_fn"]
-  for name in ("contrastive", "triplet", "prototypical"):
+  for name in sorted(set(losses.LOSSES) - {"koch_bce"}):
     inputs = [p.name for p in inspect.signature(losses.get_loss(name)).parameters.values()
               if p.kind is not inspect.Parameter.KEYWORD_ONLY]
-    assert inputs == ["embeddings", "labels"], name
+    proxies = ["proxies"] if name in losses.PROXY_LOSSES else []
+    assert inputs == ["embeddings", "labels"] + proxies, name
   with pytest.raises(UserError, match="loss name 'nope' is not known"):
     losses.needs_pair_head("nope")
 

@@ -150,7 +150,9 @@ def test_default_config_builds_every_optimizer():
       "name", "learning_rate", "momentum", "nesterov", "weight_decay", "schedule", "warmup_steps",
       "boundaries_epochs", "decay_factor", "decay_per_epoch", "total_steps", "scale_lr_by_batch",
       "base_batch_size", "clip_grad_norm", "backbone_learning_rate", "backbone_warmup_steps",
-      "unfreeze_after_steps"}
+      "unfreeze_after_steps", "proxy_lr_multiplier", "rmsprop_rho", "rmsprop_epsilon", "rmsprop_momentum",
+      "min_lr", "decay_rate", "decay_steps", "inverse_time_staircase", "plateau_patience", "plateau_factor",
+      "plateau_min_delta", "plateau_cooldown", "plateau_min_scale"}
   for name in optim.OPTIMIZERS:
     tx, schedule = make(name=name)
     assert one_update(tx, [1.0], [1.0]).shape == (1,)
@@ -158,8 +160,8 @@ def test_default_config_builds_every_optimizer():
 
 
 @pytest.mark.parametrize("fields,match", [
-    ({"name": "rmsprop"}, "optimizer.name='rmsprop'.*sgd, adam, adamw"),
-    ({"schedule": "linear"}, "optimizer.schedule='linear'.*constant, piecewise, cosine, exponential"),
+    ({"name": "lion"}, "optimizer.name='lion'.*sgd, adam, adamw, rmsprop"),
+    ({"schedule": "linear"}, "optimizer.schedule='linear'.*constant, piecewise, cosine, exponential, inverse_time"),
     ({"schedule": "cosine"}, "optimizer.total_steps=-1"),  # -1 = train.num_steps, resolved by train
     ({"schedule": "cosine", "total_steps": 0}, "optimizer.total_steps=0"),
     ({"total_steps": -2}, "total_steps"),
@@ -171,6 +173,17 @@ def test_default_config_builds_every_optimizer():
     ({"name": "sgd", "momentum": 0.0, "nesterov": True}, "nesterov"),
     ({"clip_grad_norm": -1.0}, "clip_grad_norm"),
     ({"decay_per_epoch": 0.0}, "decay_per_epoch"),
+    ({"name": "rmsprop", "rmsprop_rho": 1.0}, r"rmsprop_rho=1.0 .*\[0, 1\)"),
+    ({"name": "rmsprop", "rmsprop_epsilon": 0.0}, "rmsprop_epsilon"),
+    ({"name": "rmsprop", "rmsprop_momentum": -0.1}, "rmsprop_momentum"),
+    ({"name": "rmsprop", "nesterov": True}, "nesterov=True .*False for rmsprop"),
+    ({"schedule": "cosine", "total_steps": 10, "min_lr": 1e-3}, "min_lr=0.001 .*below the peak learning rate 0.001"),
+    ({"min_lr": -1e-4}, "min_lr"),
+    ({"schedule": "inverse_time", "decay_steps": 0}, "decay_steps=0 .*integer >= 1"),
+    ({"decay_rate": -1.0}, "decay_rate"),
+    ({"plateau_patience": -1}, "plateau_patience"),
+    ({"plateau_patience": 2, "plateau_factor": 1.0}, r"plateau_factor=1.0 .*\(0, 1\)"),
+    ({"plateau_min_scale": 1.0}, "plateau_min_scale"),
 ])
 def test_bad_fields_raise_user_error(fields, match):
   with pytest.raises(UserError, match=match):
@@ -221,3 +234,125 @@ def test_frozen_parts_never_move_without_unfreeze():
   updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
   np.testing.assert_array_equal(updates["a"], 0.0)
   np.testing.assert_allclose(updates["b"], -0.1)
+
+
+# ------------------------------------------------------------------------------------------------
+# The Keras options: RMSprop, inverse-time decay, a cosine floor, reduce on plateau.
+
+
+def test_rmsprop_equals_keras_rmsprop_in_numpy():
+  # Keras's RMSprop (rho 0.9, epsilon 1e-7 inside the root, velocity from 0, no bias correction), with and
+  # without momentum, written out in float64 numpy over three steps of changing gradients.
+  grads = [np.array([0.5, -2.0, 1e-4]), np.array([0.1, -1.0, 3e-4]), np.array([-0.7, 0.0, 2e-4])]
+  for momentum in (0.0, 0.8):
+    tx, _ = make(name="rmsprop", learning_rate=0.01, rmsprop_momentum=momentum)
+    params = jnp.zeros(3, jnp.float32)
+    state = tx.init(params)
+    velocity, mean_square, expected, got = np.zeros(3), np.zeros(3), [], []
+    for grad in grads:
+      mean_square = 0.9 * mean_square + 0.1 * grad**2
+      increment = 0.01 * grad / np.sqrt(mean_square + 1e-7)
+      velocity = momentum * velocity + increment
+      expected.append(-velocity)
+      updates, state = jax.jit(tx.update)(jnp.asarray(grad, jnp.float32), state, params)
+      got.append(np.asarray(updates))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-9)
+  # epsilon inside the root matters where v is small: g = 1e-4 gives v = 1e-9, so the first step is
+  # 0.01 * 1e-4 / sqrt(1e-9 + 1e-7) = 9.95e-5, where epsilon outside the root would give 0.01 * 1e-4 / 3.2e-5 = 0.0316.
+  tx, _ = make(name="rmsprop", learning_rate=0.01)
+  assert one_update(tx, [0.0], [1e-4]) == pytest.approx([-0.01 * 1e-4 / np.sqrt(1e-9 + 1e-7)], rel=1e-5)
+
+
+def test_inverse_time_is_keras_formula_with_staircase_and_warmup():
+  # lr = 0.1 / (1 + 0.5 * step / 10): step 0 -> 0.1, 5 -> 0.1 / 1.25, 10 -> 0.1 / 1.5, 40 -> 0.1 / 3.
+  _, schedule = make(schedule="inverse_time", learning_rate=0.1, decay_rate=0.5, decay_steps=10)
+  assert lr_at(schedule, 0, 5, 10, 40) == pytest.approx([0.1, 0.08, 0.1 / 1.5, 0.1 / 3], rel=1e-6)
+  # Staircase: floor(step / 10), so step 5 is still 0.1 and step 19 is 0.1 / 1.5.
+  _, schedule = make(schedule="inverse_time", learning_rate=0.1, decay_rate=0.5, decay_steps=10,
+                     inverse_time_staircase=True)
+  assert lr_at(schedule, 5, 9, 10, 19, 20) == pytest.approx([0.1, 0.1, 0.1 / 1.5, 0.1 / 1.5, 0.05], rel=1e-6)
+  # Keras's legacy SGD(decay=1e-2): decay_steps 1; with a 4-step warmup multiplying it: step 2 is
+  # 0.5 * 0.1 / 1.02, step 100 is 0.1 / 2.
+  _, schedule = make(schedule="inverse_time", learning_rate=0.1, decay_rate=1e-2, decay_steps=1, warmup_steps=4)
+  assert lr_at(schedule, 0, 2, 100) == pytest.approx([0.0, 0.05 / 1.02, 0.05], rel=1e-6)
+
+
+def test_cosine_floor_is_reached_at_the_end_and_zero_keeps_the_old_schedule():
+  # min_lr 0.1 under peak 1: the cosine runs from 1 to 0.1, so halfway is (1 + 0.1) / 2 and it stays at 0.1.
+  _, schedule = make(schedule="cosine", learning_rate=1.0, total_steps=100, min_lr=0.1)
+  assert lr_at(schedule, 0, 50, 100, 150) == pytest.approx([1.0, 0.55, 0.1, 0.1], abs=1e-6)
+  _, schedule = make(schedule="cosine", learning_rate=1.0, warmup_steps=10, total_steps=110, min_lr=0.1)
+  assert lr_at(schedule, 5, 10, 60, 110, 200) == pytest.approx([0.5, 1.0, 0.55, 0.1, 0.1], abs=1e-6)
+  # min_lr 0 is the schedule of before the field, bit for bit (not approximately).
+  steps = jnp.arange(0, 130, dtype=jnp.int32)
+  for warmup in (0, 10):
+    _, floored = make(schedule="cosine", learning_rate=1e-3, warmup_steps=warmup, total_steps=110, min_lr=0.0)
+    old = (optax.warmup_cosine_decay_schedule(0.0, 1e-3, warmup, 110) if warmup
+           else optax.cosine_decay_schedule(1e-3, 110))
+    np.testing.assert_array_equal(jax.jit(jax.vmap(floored))(steps), jax.jit(jax.vmap(old))(steps))
+
+
+def plateau_tx(**fields):
+  return make(name="sgd", momentum=0.0, learning_rate=1.0, plateau_patience=2, plateau_factor=0.5, **fields)
+
+
+def scale_after(accuracies, **fields):
+  """The update of gradient 1 (= -scale with sgd at lr 1) after each validation of `accuracies`."""
+  tx, _ = plateau_tx(**fields)
+  config = {"name": "sgd", "momentum": 0.0, "learning_rate": 1.0, "plateau_patience": 2, "plateau_factor": 0.5,
+            **fields}
+  params = jnp.zeros(1, jnp.float32)
+  state = tx.init(params)
+  scales = []
+  for accuracy in accuracies:
+    state = jax.tree.map(jnp.asarray, optim.record_validation(state, accuracy, config))
+    updates, state = jax.jit(tx.update)(jnp.ones(1, jnp.float32), state, params)
+    scales.append(-float(updates[0]))
+  return scales
+
+
+def test_plateau_halves_the_lr_after_patience_validations_without_improvement():
+  # Patience 2, factor 0.5: 0.5 (best), 0.6 (best), 0.6 (equal: 1 without improvement, not yet), 0.55 (2: halve,
+  # counting restarts), 0.58 (1), 0.59 (2: halve again), 0.7 (best), 0.7 (1).
+  assert scale_after([0.5, 0.6, 0.6, 0.55, 0.58, 0.59, 0.7, 0.7]) == [1, 1, 1, 0.5, 0.5, 0.25, 0.25, 0.25]
+  # min_delta 0.05: 0.62 does not beat 0.6 by more than 0.05, so it counts as a plateau.
+  assert scale_after([0.6, 0.62, 0.64], plateau_min_delta=0.05) == [1, 1, 0.5]
+  # Cooldown 2, Keras's counter: the first validation after the reduction (at the third) is not counted, the
+  # second already is (the counter reaches 0 before the check), so the fifth and sixth reduce again.
+  assert scale_after([0.6, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5], plateau_cooldown=2) == [1, 1, 0.5, 0.5, 0.5, 0.25, 0.25]
+  # The floor: never below 0.3 of the schedule, and no reduction once there.
+  assert scale_after([0.6, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5], plateau_min_scale=0.3) == pytest.approx(
+      [1, 1, 0.5, 0.5, 0.3, 0.3, 0.3])
+
+
+def test_plateau_scales_the_step_only_and_is_off_by_default():
+  # The step multiplies by the stored scale and never changes it: only record_validation does.
+  tx, _ = plateau_tx()
+  params = jnp.zeros(1, jnp.float32)
+  state = tx.init(params)
+  reduced = jax.tree.map(lambda node: node._replace(scale=jnp.float32(0.25)) if isinstance(node, optim.PlateauState)
+                         else node, state, is_leaf=lambda node: isinstance(node, optim.PlateauState))
+  updates, after = jax.jit(tx.update)(jnp.ones(1, jnp.float32), reduced, params)
+  assert float(updates[0]) == -0.25
+  plateau = lambda state: [node for node in jax.tree.leaves(state, is_leaf=lambda n: isinstance(n, optim.PlateauState))
+                           if isinstance(node, optim.PlateauState)]
+  assert len(plateau(after)) == 1
+  jax.tree.map(np.testing.assert_array_equal, plateau(after), plateau(reduced))
+  # Off (patience 0, the default): no PlateauState in the optimizer state, which is the state of before.
+  tx, _ = make(name="sgd", momentum=0.0)
+  assert not any(isinstance(node, optim.PlateauState) for node in
+                 jax.tree.leaves(tx.init(params), is_leaf=lambda node: isinstance(node, optim.PlateauState)))
+  assert not optim.plateau_enabled(optim.default_config())
+
+
+def test_plateau_scales_every_part_of_a_fine_tuned_model():
+  params = {"a": jnp.zeros(1), "b": jnp.zeros(1)}
+  config = {"name": "sgd", "momentum": 0.0, "learning_rate": 1.0, "backbone_learning_rate": 0.1,
+            "plateau_patience": 1, "plateau_factor": 0.5}
+  tx, _ = optim.create_optimizer(config, steps_per_epoch=1, global_batch_size=1,
+                                 labels={"a": "head", "b": "backbone"})
+  state = tx.init(params)
+  for accuracy in (0.5, 0.4):
+    state = jax.tree.map(jnp.asarray, optim.record_validation(state, accuracy, config))
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+  assert (float(updates["a"][0]), float(updates["b"][0])) == pytest.approx((-0.5, -0.05))

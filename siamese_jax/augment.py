@@ -5,7 +5,8 @@ host ships a quarter of the bytes. Everything here is pure `jnp`, vectorised ove
 batched gather, no Python loop over examples), and traceable under `jit`, `vmap` and `shard_map`.
 Two kinds, chosen by `config.augment.kind`:
 
-* "affine": Koch et al. (2015) distortions for drawings (rotation, shear, scale, shift), zero fill;
+* "affine": Koch et al. (2015) distortions for drawings (rotation, shear, scale, shift), zero fill; as
+  options, Keras ImageDataGenerator's horizontal flip and fill_mode="nearest";
 * "photo": what photographs get in torchvision-style training: a random resized crop, a horizontal
   flip and colour jitter (`photo_augment_image`, built on dm_pix).
 
@@ -16,7 +17,9 @@ Affine geometry conventions (needed to read the tests):
     R(theta) = [[cos, -sin], [sin, cos]], Shear = [[1, rho_x], [rho_y, 1]], Scale = diag(s_x, s_y);
     rows grow downwards, so a positive theta turns the picture clockwise on screen;
   * each output pixel is read from the input at A^-1 (out - centre - t) + centre with bilinear
-    interpolation; samples outside the image read 0, which is background (Omniglot ink = 255).
+    interpolation; samples outside the image read 0, which is background (Omniglot ink = 255), or with
+    fill="nearest" the nearest edge pixel (Keras's fill_mode="nearest"; scipy's mode="nearest");
+  * flip_probability mirrors the warped image left-right (x -> W-1-x), after the warp as Keras does.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from siamese_jax.errors import UserError
 
 KINDS = ("affine", "photo")
 # The names `random_affine` accepts: the fields of `default_config()` that kind="affine" reads.
-AFFINE_FIELDS = ("probability", "rotation_deg", "shear", "scale_min", "scale_max", "translate_px")
+AFFINE_FIELDS = ("probability", "rotation_deg", "shear", "scale_min", "scale_max", "translate_px", "flip_probability",
+                 "fill")
+FILLS = ("zero", "nearest")
 # The names `random_photo` accepts: the fields of `default_config()` that kind="photo" reads.
 PHOTO_FIELDS = ("crop_scale_min", "crop_scale_max", "crop_ratio_min", "crop_ratio_max", "flip", "brightness",
                 "contrast", "saturation", "hue")
@@ -56,6 +61,10 @@ def default_config() -> ml_collections.ConfigDict:
   config.scale_min = 0.8  # s_x, s_y ~ U[scale_min, scale_max] (independently)
   config.scale_max = 1.2  # upper end of the scale range
   config.translate_px = 2.0  # t_x, t_y ~ U[-translate_px, translate_px] pixels (continuous)
+  config.flip_probability = 0.0  # mirror left-right with this probability (Keras horizontal_flip: 0.5); 0 = never
+  # Where the warp reads outside the image: "zero" = background (0; Omniglot's background, ink being 1), or
+  # "nearest" = the nearest edge pixel (Keras ImageDataGenerator's default fill_mode, for backgrounds that are not 0)
+  config.fill = "zero"
   # kind="photo" (applied in this order, to every image; the crop is resized back to the image size):
   config.crop_scale_min = 0.35  # crop area ~ U[crop_scale_min, crop_scale_max] of the image area
   config.crop_scale_max = 1.0  # upper end (<= 1); crop_scale_min = 1 means no crop at all
@@ -102,15 +111,19 @@ def shifted_views(images: jax.Array, shift_px: int) -> jax.Array:
 
 
 def _check_ranges(
-  probability: Any, rotation_deg: Any, shear: Any, scale_min: Any, scale_max: Any, translate_px: Any
+  probability: Any, rotation_deg: Any, shear: Any, scale_min: Any, scale_max: Any, translate_px: Any,
+  flip_probability: Any = 0.0, fill: Any = "zero",
 ) -> None:
   """Rejects impossible ranges early; traced values (already inside jit) cannot be checked."""
 
   def concrete(value: Any) -> bool:
     return isinstance(value, numbers.Real)
 
-  if concrete(probability) and not 0.0 <= probability <= 1.0:
-    raise UserError(f"augment.probability: expected a value in [0, 1], got {probability}")
+  for name, value in (("probability", probability), ("flip_probability", flip_probability)):
+    if concrete(value) and not 0.0 <= value <= 1.0:
+      raise UserError(f"augment.{name}: expected a value in [0, 1], got {value}")
+  if fill not in FILLS:
+    raise UserError(f"augment.fill={fill!r}: expected one of {FILLS}")
   for name, value in (("rotation_deg", rotation_deg), ("shear", shear), ("translate_px", translate_px)):
     if concrete(value) and value < 0:
       raise UserError(f"augment.{name}: expected a half-range >= 0, got {value}")
@@ -164,8 +177,9 @@ def sample_affine_params(
   }
 
 
-def _bilinear_zero_padded(image: jax.Array, ys: jax.Array, xs: jax.Array) -> jax.Array:
-  """Samples image [H, W, C] at real coordinates ys, xs [H', W']; outside the image reads 0."""
+def _bilinear(image: jax.Array, ys: jax.Array, xs: jax.Array, fill: str = "zero") -> jax.Array:
+  """Samples image [H, W, C] at real coordinates ys, xs [H', W']; outside the image reads 0 (fill="zero") or
+  the nearest edge pixel (fill="nearest": every tap clamped into the image)."""
   height, width = image.shape[0], image.shape[1]
   y0 = jnp.floor(ys)
   x0 = jnp.floor(xs)
@@ -178,7 +192,7 @@ def _bilinear_zero_padded(image: jax.Array, ys: jax.Array, xs: jax.Array) -> jax
     inside = (yi >= 0) & (yi < height) & (xi >= 0) & (xi < width)
     # Clipped indices keep the gather in bounds; the mask then zeroes what was really outside.
     values = image[jnp.clip(yi, 0, height - 1), jnp.clip(xi, 0, width - 1)]
-    return jnp.where(inside[..., None], values, 0.0)
+    return values if fill == "nearest" else jnp.where(inside[..., None], values, 0.0)
 
   return (
     tap(y0, x0) * (1 - wy) * (1 - wx)
@@ -198,11 +212,12 @@ def apply_affine(
   scale_y: jax.Array | float = 1.0,
   translate_x: jax.Array | float = 0.0,
   translate_y: jax.Array | float = 0.0,
+  fill: str = "zero",
 ) -> jax.Array:
   """Warps images [N, H, W, C] (uint8 or float in [0, 1]) by given per-image parameters.
 
   Every parameter is a scalar or an [N] array (the output of `sample_affine_params`). Returns
-  float32 [N, H, W, C] in [0, 1]. See the module docstring for the geometry.
+  float32 [N, H, W, C] in [0, 1]. See the module docstring for the geometry; `fill` is "zero" or "nearest".
   """
   images = to_float(images)
   if images.ndim != 4:
@@ -236,7 +251,7 @@ def apply_affine(
     return i10 * dx + i11 * dy + centre_y, i00 * dx + i01 * dy + centre_x  # ys, xs: [H, W]
 
   ys, xs = jax.vmap(source_coordinates)(i00, i01, i10, i11, per_image(translate_x), per_image(translate_y))
-  warped = jax.vmap(_bilinear_zero_padded)(images, ys, xs)
+  warped = jax.vmap(lambda image, y, x: _bilinear(image, y, x, fill))(images, ys, xs)
   # Weights are convex, so this only removes float rounding at 0 and 1.
   return jnp.clip(warped, 0.0, 1.0)
 
@@ -251,22 +266,30 @@ def random_affine(
   scale_min: float = 0.8,
   scale_max: float = 1.2,
   translate_px: float = 2.0,
+  flip_probability: float = 0.0,
+  fill: str = "zero",
 ) -> jax.Array:
-  """Koch et al. (2015) distortions: an independent random affine map per image.
+  """Koch et al. (2015) distortions: an independent random affine map per image, then a left-right mirror
+  with probability `flip_probability`; `fill` says what the warp reads outside the image ("zero", "nearest").
 
   images: [N, H, W, C] uint8 or float in [0, 1]. Returns float32 [N, H, W, C] in [0, 1].
-  With probability 0 the result is exactly `to_float(images)`.
+  With probability 0 and flip_probability 0 the result is exactly `to_float(images)`. The flips are drawn
+  from fold_in(key, 2), a key that the warp's draws (split(key) = fold_in(key, 0 and 1)) never use, so
+  flip_probability 0 leaves every distortion of before unchanged, bit for bit.
   """
   images = to_float(images)
   ranges = dict(
     rotation_deg=rotation_deg, shear=shear, scale_min=scale_min, scale_max=scale_max, translate_px=translate_px
   )
-  _check_ranges(probability, **ranges)
-  if isinstance(probability, numbers.Real) and probability == 0:
-    # Every component would be the identity; skip the gather (the result is the same).
+  _check_ranges(probability, **ranges, flip_probability=flip_probability, fill=fill)
+  # Probability 0: every component would be the identity; skip the gather (the result is the same).
+  if not (isinstance(probability, numbers.Real) and probability == 0):
+    params = sample_affine_params(key, images.shape[0], probability=probability, **ranges)
+    images = apply_affine(images, **params, fill=fill)
+  if isinstance(flip_probability, numbers.Real) and flip_probability == 0:
     return images
-  params = sample_affine_params(key, images.shape[0], probability=probability, **ranges)
-  return apply_affine(images, **params)
+  mirrored = jax.random.bernoulli(jax.random.fold_in(key, 2), flip_probability, (images.shape[0],))
+  return jnp.where(mirrored[:, None, None, None], images[:, :, ::-1], images)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -508,7 +531,9 @@ def distortion(config: Mapping[str, Any] | ml_collections.ConfigDict) -> Callabl
   """
   kind = config.get("kind", "affine")
   if kind == "affine":
-    options = {name: config[name] for name in AFFINE_FIELDS}
+    # Configs written before flip_probability and fill existed lack them: their defaults are the old behaviour.
+    defaults = default_config()
+    options = {name: config.get(name, defaults[name]) for name in AFFINE_FIELDS}
     return lambda key, images: random_affine(key, images, **options)
   if kind == "photo":
     options = {name: config[name] for name in PHOTO_FIELDS}
@@ -519,6 +544,7 @@ def distortion(config: Mapping[str, Any] | ml_collections.ConfigDict) -> Callabl
 
 __all__ = [
   "AFFINE_FIELDS",
+  "FILLS",
   "KINDS",
   "PHOTO_FIELDS",
   "apply_affine",

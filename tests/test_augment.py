@@ -139,3 +139,91 @@ def test_augment_batch_disabled_is_to_float_and_rejects_unknown_fields():
     augment.augment_batch(jax.random.key(0), batch, ml_collections.ConfigDict({"rotation_degrees": 5.0}))
   with pytest.raises(UserError, match="probability"):
     augment.augment_batch(jax.random.key(0), batch, probability=1.5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Keras ImageDataGenerator's horizontal flip and fill_mode="nearest"
+
+
+def test_flip_probability_one_mirrors_and_zero_changes_nothing():
+  images = random_uint8((5, 9, 11, 1))
+  # Without a warp (probability 0), a sure flip is the mirror image: column x from column W-1-x.
+  flipped = np.asarray(augment.random_affine(jax.random.key(0), images, probability=0.0, flip_probability=1.0))
+  np.testing.assert_array_equal(flipped, augment.to_float(images)[:, :, ::-1])
+  # With a warp, the same key draws the same warp, and the flip mirrors its result (after it, as Keras).
+  warped = augment.random_affine(jax.random.key(1), images, probability=1.0)
+  both = augment.random_affine(jax.random.key(1), images, probability=1.0, flip_probability=1.0)
+  np.testing.assert_array_equal(np.asarray(both), np.asarray(warped)[:, :, ::-1])
+  # Probability 0.5 mirrors some images of a batch and leaves the others exactly as the warp left them.
+  many = random_uint8((64, 6, 7, 1))
+  half = np.asarray(augment.random_affine(jax.random.key(2), many, probability=0.0, flip_probability=0.5))
+  mirrored = [np.array_equal(h, m[:, ::-1]) for h, m in zip(half, np.asarray(augment.to_float(many)))]
+  kept = [np.array_equal(h, m) for h, m in zip(half, np.asarray(augment.to_float(many)))]
+  assert all(a != b for a, b in zip(mirrored, kept))  # every image is one or the other
+  assert 16 <= sum(mirrored) <= 48  # 64 draws of Bernoulli(0.5): 4 standard deviations either side
+
+
+def test_default_flip_and_fill_are_the_distortions_of_before():
+  # The defaults (flip 0, zero fill) draw and warp exactly as the warp alone: the same parameters from the
+  # same key and the zero-filled gather, bit for bit; a config saved before the fields existed reads the same.
+  images = random_uint8((6, 12, 12, 1))
+  key = jax.random.key(5)
+  params = augment.sample_affine_params(key, 6, probability=0.5)
+  expected = np.asarray(augment.apply_affine(images, **params))
+  np.testing.assert_array_equal(np.asarray(augment.random_affine(key, images)), expected)
+  config = augment.default_config()
+  old = ml_collections.ConfigDict({name: value for name, value in config.items()
+                                   if name not in ("flip_probability", "fill")})
+  np.testing.assert_array_equal(np.asarray(augment.distortion(old)(key, images)), expected)
+  np.testing.assert_array_equal(np.asarray(augment.distortion(config)(key, images)), expected)
+
+
+def test_nearest_fill_repeats_the_edge_pixel():
+  images = random_uint8((2, 8, 10, 1))
+  base = np.asarray(augment.to_float(images))
+  # An integer shift right by 3: columns 0..2 read columns -3..-1, outside the image, which "nearest" reads as
+  # column 0 (its edge pixel, row by row) and "zero" as 0; the rest is the shifted image either way.
+  nearest = np.asarray(augment.apply_affine(images, translate_x=3.0, fill="nearest"))
+  zero = np.asarray(augment.apply_affine(images, translate_x=3.0))
+  np.testing.assert_array_equal(nearest[:, :, :3], np.repeat(base[:, :, :1], 3, axis=2))
+  np.testing.assert_array_equal(zero[:, :, :3], 0.0)
+  np.testing.assert_array_equal(nearest[:, :, 3:], base[:, :, :-3])
+  np.testing.assert_array_equal(zero[:, :, 3:], base[:, :, :-3])
+  # Up by 2 and left by 1.5 (a fractional shift): the bottom rows read past the last row, so they repeat the
+  # last row's values, interpolated along x like every other row; the right-most column repeats column W-1.
+  moved = np.asarray(augment.apply_affine(images, translate_y=-2.0, translate_x=-1.5, fill="nearest"))
+  last_row = np.asarray(augment.apply_affine(base[:, -1:], translate_x=-1.5, fill="nearest"))
+  np.testing.assert_allclose(moved[:, -2:], np.repeat(last_row, 2, axis=1), atol=1e-6)
+  np.testing.assert_allclose(moved[:, :, -1], np.concatenate([base[:, 2:, -1], np.repeat(base[:, -1:, -1], 2, axis=1)],
+                                                             axis=1), atol=1e-6)
+  # Inside the image both fills agree: a warp that reads nothing outside is unchanged.
+  np.testing.assert_array_equal(np.asarray(augment.apply_affine(images, fill="nearest")), base)
+
+
+def test_nearest_fill_equals_scipy_nearest_mode_under_a_general_warp():
+  # Keras's ImageDataGenerator warps with scipy.ndimage.affine_transform(order=1, mode="nearest"): the same
+  # map, written as scipy's (row, column) matrix, gives the same pixels up to float32 rounding.
+  scipy_ndimage = pytest.importorskip("scipy.ndimage")
+  image = random_uint8((1, 15, 13, 1), seed=3)
+  params = dict(rotation_deg=20.0, shear_x=0.1, scale_x=0.8, scale_y=1.1, translate_x=1.0, translate_y=-2.0)
+  ours = np.asarray(augment.apply_affine(image, fill="nearest", **params))[0, :, :, 0]
+  theta = np.deg2rad(params["rotation_deg"])
+  forward = (np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+             @ np.array([[1.0, params["shear_x"]], [0.0, 1.0]]) @ np.diag([params["scale_x"], params["scale_y"]]))
+  inverse_xy = np.linalg.inv(forward)
+  swap = np.array([[0, 1], [1, 0]])
+  inverse_rc = swap @ inverse_xy @ swap  # (x, y) -> (row, column)
+  centre = np.array([(15 - 1) / 2, (13 - 1) / 2])
+  shift = np.array([params["translate_y"], params["translate_x"]])
+  offset = centre - inverse_rc @ (centre + shift)  # input = inverse (out - centre - t) + centre
+  reference = scipy_ndimage.affine_transform(image[0, :, :, 0].astype(np.float64) / 255.0, inverse_rc,
+                                             offset=offset, order=1, mode="nearest")
+  np.testing.assert_allclose(ours, reference, atol=1e-5)
+
+
+def test_bad_flip_and_fill_values_are_user_errors():
+  images = random_uint8((1, 1, 8, 8, 1))
+  with pytest.raises(UserError, match=r"augment.flip_probability: expected a value in \[0, 1\], got 1.5"):
+    augment.augment_batch(jax.random.key(0), images, flip_probability=1.5)
+  with pytest.raises(UserError, match="augment.fill='reflect': expected one of"):
+    augment.augment_batch(jax.random.key(0), images, fill="reflect")

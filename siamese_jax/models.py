@@ -7,12 +7,18 @@ collapse or blow-up early). The registry is a plain dict chosen by `config.model
 BatchNorm and modes: see `layers` (models are created in eval mode; the train step calls
 `model.train()` on its merged copy). `embed_fn` always runs in eval mode.
 
+Dropout (`model.dropout`, before the embedding's dense layer, where Keras scripts put it) takes its
+randomness as an argument, `model(images, dropout_keys=keys)` with one key per image, never from a stateful
+`nnx.Rngs`: the train step derives each image's key from (seed, step, global example index), so a row's
+mask does not depend on the device it lands on or on how often the run was resumed. Without keys (eval,
+`embed_fn`, export) there is no dropout.
+
 The functional pattern the train step uses (and the tests check):
 
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   # inside jit / shard_map:
   model = nnx.merge(graphdef, params, rest, copy=True); model.train()
-  embeddings, aux = model(images)
+  embeddings, aux = model(images, dropout_keys=keys)   # keys: one per image, or None (no dropout)
   new_rest = nnx.state(model, nnx.Not(nnx.Param))   # updated BatchStat
 """
 
@@ -59,6 +65,26 @@ def _pair_head(config: ml_collections.ConfigDict, embedding_dim: int, rngs: nnx.
   return nnx.Linear(embedding_dim, 1, rngs=rngs) if config.pair_head else None
 
 
+def _dropout_rate(config: ml_collections.ConfigDict, has_dense_layer: bool) -> float:
+  """model.dropout, checked: a rate in [0, 1), and only where a dense layer follows it."""
+  rate = config.dropout
+  if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+    raise UserError(f"model.dropout: expected a rate in [0, 1), got {rate!r}")
+  if rate and not has_dense_layer:
+    raise UserError(f"model.dropout={rate} drops features before the embedding's dense layer, which "
+                    f"model.name='{config.name}' has only with model.embedding_dim > 0")
+  return float(rate)
+
+
+def _dropout(x: jax.Array, rate: float, keys: jax.Array | None) -> jax.Array:
+  """Inverted dropout of features [N, F] (kept ones times 1 / (1 - rate)), row i's mask drawn from keys[i];
+  the identity without keys or at rate 0, so eval and a rate of 0 compute exactly what they did without it."""
+  if keys is None or not rate:
+    return x
+  keep = jax.vmap(lambda key: jax.random.bernoulli(key, 1.0 - rate, x.shape[1:]))(keys)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
 def _require_int(name: str, value: Any, minimum: int) -> int:
   if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
     raise UserError(f"model.{name}: expected an integer >= {minimum}, got {value!r}")
@@ -84,6 +110,7 @@ class KochNet(PairHead):
     config.name = "koch"  # Koch et al. 2015 twin network (105x105 in the paper)
     config.embedding_dim = 4096  # units of the sigmoid dense layer, the embedding
     config.l2_normalize = False  # scale embeddings to unit length (the paper does not)
+    config.dropout = 0.0  # dropout rate on the flattened conv features, before the dense layer; 0 = none
     return config
 
   @classmethod
@@ -105,6 +132,7 @@ class KochNet(PairHead):
         f"got {height}x{width}; raise data.image_size or choose model.name='conv4'"
       )
     self.l2_normalize = bool(config.l2_normalize)
+    self.dropout_rate = _dropout_rate(config, has_dense_layer=True)
     convs = []
     in_channels = channels
     for out_channels, kernel, _ in self.CONVS:
@@ -114,13 +142,14 @@ class KochNet(PairHead):
     self.dense = nnx.Linear(out_height * out_width * in_channels, config.embedding_dim, rngs=rngs)
     self.head = nnx.Linear(config.embedding_dim, 1, rngs=rngs)  # the paper's: always there
 
-  def __call__(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(self, images: jax.Array,
+               dropout_keys: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     x = augment.to_float(images)
     for conv, (_, _, pool) in zip(self.convs, self.CONVS):
       x = nnx.relu(conv(x))
       if pool:
         x = layers.max_pool_2(x)
-    x = x.reshape((x.shape[0], -1))
+    x = _dropout(x.reshape((x.shape[0], -1)), self.dropout_rate, dropout_keys)
     return _finish(nnx.sigmoid(self.dense(x)), self.l2_normalize)
 
 
@@ -140,6 +169,7 @@ class Conv4(PairHead):
     config.l2_normalize = False  # scale embeddings to unit length
     config.batch_norm_momentum = 0.9  # running-statistics decay (PyTorch's momentum 0.1, as in ProtoNet)
     config.pair_head = False  # add Koch et al.'s weighted-L1 pair head (needed by loss koch_bce)
+    config.dropout = 0.0  # dropout rate on the flattened features before the linear layer (embedding_dim > 0)
     return config
 
   def __init__(self, config: ml_collections.ConfigDict, *, image_shape: tuple[int, int, int], rngs: nnx.Rngs):
@@ -152,6 +182,7 @@ class Conv4(PairHead):
       )
     block_width = _require_int("width", config.width, 1)
     self.l2_normalize = bool(config.l2_normalize)
+    self.dropout_rate = _dropout_rate(config, has_dense_layer=config.embedding_dim > 0)
     convs, norms = [], []
     in_channels = channels
     for _ in range(num_blocks):
@@ -167,13 +198,14 @@ class Conv4(PairHead):
     )
     self.head = _pair_head(config, config.embedding_dim or self.features, rngs)
 
-  def __call__(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(self, images: jax.Array,
+               dropout_keys: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     x = augment.to_float(images)
     for conv, norm in zip(self.convs, self.norms):
       x = layers.max_pool_2(nnx.relu(norm(conv(x))))
     x = x.reshape((x.shape[0], -1))
     if self.projection is not None:
-      x = self.projection(x)
+      x = self.projection(_dropout(x, self.dropout_rate, dropout_keys))
     return _finish(x, self.l2_normalize)
 
 
@@ -218,6 +250,7 @@ class ResNet(PairHead):
     config.l2_normalize = True  # scale embeddings to unit length (usual for triplet/contrastive losses)
     config.batch_norm_momentum = 0.9  # running-statistics decay
     config.pair_head = False  # add Koch et al.'s weighted-L1 pair head (needed by loss koch_bce)
+    config.dropout = 0.0  # dropout rate on the pooled features, before the final linear layer; 0 = none
     return config
 
   def __init__(self, config: ml_collections.ConfigDict, *, image_shape: tuple[int, int, int], rngs: nnx.Rngs):
@@ -230,6 +263,7 @@ class ResNet(PairHead):
     embedding_dim = _require_int("embedding_dim", config.embedding_dim, 1)
     momentum = config.batch_norm_momentum
     self.l2_normalize = bool(config.l2_normalize)
+    self.dropout_rate = _dropout_rate(config, has_dense_layer=True)
     # A 3x3 stride-1 stem: inputs here are small (28..105 px), so no early 7x7/stride-4 downsampling.
     self.stem_conv = nnx.Conv(image_shape[2], widths[0], (3, 3), padding="SAME", use_bias=False, rngs=rngs)
     self.stem_norm = layers.batch_norm(widths[0], momentum, rngs)
@@ -244,12 +278,13 @@ class ResNet(PairHead):
     self.projection = nnx.Linear(in_channels, embedding_dim, rngs=rngs)
     self.head = _pair_head(config, embedding_dim, rngs)
 
-  def __call__(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(self, images: jax.Array,
+               dropout_keys: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     x = augment.to_float(images)
     x = nnx.relu(self.stem_norm(self.stem_conv(x)))
     for block in self.blocks:
       x = block(x)
-    x = jnp.mean(x, axis=(1, 2))
+    x = _dropout(jnp.mean(x, axis=(1, 2)), self.dropout_rate, dropout_keys)
     return _finish(self.projection(x), self.l2_normalize)
 
 
@@ -291,6 +326,7 @@ class Pretrained(PairHead):
     config.l2_normalize = True  # scale embeddings to unit length
     config.batch_norm_momentum = 0.9  # running-statistics decay of the backbone's trainable BatchNorms
     config.pair_head = False  # add Koch et al.'s weighted-L1 pair head (needed by loss koch_bce)
+    config.dropout = 0.0  # dropout rate on the pooled features, before the projection (embedding_dim > 0)
     return config
 
   def __init__(self, config: ml_collections.ConfigDict, *, image_shape: tuple[int, int, int], rngs: nnx.Rngs):
@@ -303,6 +339,7 @@ class Pretrained(PairHead):
     if config.pooling not in ("avg", "max"):
       raise UserError(f"model.pooling={config.pooling!r}: expected 'avg' or 'max'")
     embedding_dim = _require_int("embedding_dim", config.embedding_dim, 0)
+    self.dropout_rate = _dropout_rate(config, has_dense_layer=embedding_dim > 0)
     self.backbone = factory(num_classes=0, layout=layout, preprocessing=preprocessing,
                             momentum=config.batch_norm_momentum, rngs=rngs)
     base.freeze(self.backbone, config.freeze_until)
@@ -318,14 +355,15 @@ class Pretrained(PairHead):
     self.projection = nnx.Linear(features, embedding_dim, rngs=rngs) if embedding_dim else None
     self.head = _pair_head(config, embedding_dim or features, rngs)
 
-  def __call__(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(self, images: jax.Array,
+               dropout_keys: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     x = augment.to_float(images)
     if self.gray:
       x = jnp.repeat(x, 3, axis=-1)
     x = self.backbone.features(x)
     x = jnp.mean(x, axis=(1, 2)) if self.pooling == "avg" else jnp.max(x, axis=(1, 2))
     if self.projection is not None:
-      x = self.projection(x)
+      x = self.projection(_dropout(x, self.dropout_rate, dropout_keys))
     return _finish(x, self.l2_normalize)
 
 

@@ -90,7 +90,8 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTr
       params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
     model = nnx.merge(graphdef, params, state.model_state, copy=True)
     model.train()
-    embeddings, _ = model(images.reshape((-1,) + images.shape[2:]))
+    embeddings, _ = model(images.reshape((-1,) + images.shape[2:]),
+                          dropout_keys=dropout_keys(seed, state.step, example_ids, images.shape[1]))
     embeddings = embeddings.reshape(images.shape[:2] + embeddings.shape[-1:])
     # Every device computes the loss of the global batch; dividing by the device count makes the psum of
     # the per-device gradients below (all_gather transposes to a sum) equal the one-device gradient.
@@ -123,6 +124,21 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTr
   new_state = TrainState(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state,
                          loss_params=loss_params, loss_opt_state=loss_opt_state)
   return new_state, metrics
+
+
+# fold_in(key(seed), DROPOUT_STREAM) roots dropout's keys: no step (an int32) folds in this value, so they
+# never meet the augmentation keys, which fold the step into key(seed).
+DROPOUT_STREAM = 2**31
+
+
+def dropout_keys(seed: int, step, example_ids, images_per_example: int) -> jax.Array:
+  """One dropout key per image row of the model call ([b * images_per_example], row-major like the images):
+  the key of image j of the example at global index i is a pure function of (seed, step, i, j), so 1 or N
+  devices and a resumed run drop the same features (`models._dropout`; unused and compiled away at rate 0)."""
+  root = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), DROPOUT_STREAM), step)
+  fold_each = jax.vmap(jax.random.fold_in, in_axes=(None, 0))
+  keys = jax.vmap(lambda key: fold_each(key, jnp.arange(images_per_example)))(fold_each(root, example_ids))
+  return keys.reshape(-1)
 
 
 def augment_examples(step_key, example_ids, images, augment_config, global_batch_size: int | None = None):
@@ -181,6 +197,7 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   parallel = DataParallel(config.parallel.strategy, config.parallel.num_devices or None)
   parallel.check_batch_size(config.sampling.batch_size)
   splits = pipeline.load_splits(config.data, seed=config.seed)
+  check_plateau(config, splits)
   train_source = splits.train
   sampler = sampling.Sampler(
       sampling.ClassIndex.from_labels(train_source.labels, train_source.class_groups,
@@ -423,7 +440,8 @@ def _train_and_evaluate(config, workdir: pathlib.Path, built: Setup) -> dict:
       validation = None
       if validation_due(loop.step, is_last, train_config, built.splits):
         validation = run_validation(embed_fn, built, device_state, config)
-        writer.write(loop.step, {"accuracy": validation}, prefix="validation")
+        device_state, plateau = reduce_on_plateau(parallel, device_state, validation, config.optim)
+        writer.write(loop.step, {"accuracy": validation, **plateau}, prefix="validation")
         loop.record_validation(validation, train_config.early_stopping_patience)
       loop.preempted, out_of_time = agree_to_stop(loop.step, train_config.log_every,
                                                   preemption.signal_name is not None, out_of_time)
@@ -520,6 +538,38 @@ def run_validation(embed_fn, built: Setup, device_state, config) -> float:
   if jax.process_count() > 1:  # process 0's number decides for all: they must stop at the same step
     validation = float(multihost_utils.broadcast_one_to_all(np.float32(validation)))
   return validation
+
+
+def check_plateau(config, splits: pipeline.Splits) -> None:
+  """optim.plateau_patience > 0 watches the validation accuracy, so the run must measure one."""
+  if optim.plateau_enabled(config.optim) and (not config.train.eval_every or splits.validation is None):
+    raise UserError(f"optim.plateau_patience={config.optim.plateau_patience} lowers the learning rate when the "
+                    "validation accuracy stops improving, but this run never validates (train.eval_every=0 or no "
+                    "validation classes); set train.eval_every > 0 with data.validation, or optim.plateau_patience=0.")
+
+
+def reduce_on_plateau(parallel: DataParallel, device_state, accuracy: float, optim_config) -> tuple[Any, dict]:
+  """The train state after a validation of `accuracy`, and what to log of it ({"lr_scale": ...}).
+
+  With optim.plateau_patience > 0, each `optim.PlateauState` in the state (its few scalars, fetched from
+  the strategy's layout, at a validation: never per step) goes through `optim.record_validation` on the
+  host and is put back; the step then multiplies by the new scale. Otherwise nothing changes.
+  """
+  if not optim.plateau_enabled(optim_config):
+    return device_state, {}
+  is_plateau = lambda node: isinstance(node, optim.PlateauState)
+  scales = []
+
+  def advance(node):
+    if not is_plateau(node):
+      return node
+    host = jax.device_get(parallel.local_copy(parallel.get_state(node)))
+    new = optim.record_validation(host, accuracy, optim_config)
+    scales.append(float(new.scale))
+    return parallel.put_state(new)
+
+  device_state = jax.tree.map(advance, device_state, is_leaf=is_plateau)
+  return device_state, {"lr_scale": scales[0]}
 
 
 def log_metrics(loop: LoopState, built: Setup, writer: MetricWriter, progress, train_config,

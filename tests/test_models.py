@@ -124,18 +124,19 @@ def test_unknown_model_name_lists_the_valid_ones():
 
 
 def test_unknown_field_lists_the_valid_ones():
-  with pytest.raises(UserError, match=r"\['depth'\].*valid fields are \['batch_norm_momentum', 'embedding_dim'"):
+  with pytest.raises(UserError,
+                     match=r"\['depth'\].*valid fields are \['batch_norm_momentum', 'dropout', 'embedding_dim'"):
     make({"name": "conv4", "depth": 4}, (28, 28, 1))
   with pytest.raises(UserError, match="model.embedding_dim"):
     make({"name": "resnet", "embedding_dim": 0}, (28, 28, 1))
 
 
 def test_default_configs_carry_the_documented_fields():
-  assert set(models.default_config("koch")) == {"name", "embedding_dim", "l2_normalize"}
+  assert set(models.default_config("koch")) == {"name", "embedding_dim", "l2_normalize", "dropout"}
   assert set(models.default_config("conv4")) == {"name", "width", "embedding_dim", "l2_normalize",
-                                                 "batch_norm_momentum", "pair_head"}
+                                                 "batch_norm_momentum", "pair_head", "dropout"}
   assert set(models.default_config("resnet")) == {"name", "widths", "blocks_per_stage", "embedding_dim",
-                                                  "l2_normalize", "batch_norm_momentum", "pair_head"}
+                                                  "l2_normalize", "batch_norm_momentum", "pair_head", "dropout"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -327,3 +328,58 @@ def test_embed_fn_with_tta_averages_the_five_shifted_embeddings():
   averaged = jax.jit(models.make_embed_fn(graphdef, tta_shift_px=2))(state, images)
   np.testing.assert_allclose(averaged, expected, rtol=1e-5, atol=1e-6)
   assert not np.allclose(averaged, plain(state, images), atol=1e-3)  # the views do change the embedding
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dropout (model.dropout): explicit keys, one per image
+
+
+def row_keys(count: int, seed: int = 0) -> jax.Array:
+  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), jnp.arange(count))
+
+
+def test_dropout_zeroes_and_rescales_features_row_by_row():
+  features = jnp.ones((64, 50), jnp.float32)
+  dropped = np.asarray(models._dropout(features, 0.25, row_keys(64)))
+  # Inverted dropout: a kept feature is 1 / (1 - 0.25), a dropped one 0; about a quarter are dropped
+  # (3,200 Bernoulli(0.25) draws: standard deviation 0.0077, so 0.2-0.3 is over 6 of them).
+  assert set(np.unique(dropped).tolist()) == {0.0, np.float32(1 / 0.75)}
+  assert 0.2 < np.mean(dropped == 0) < 0.3
+  # Row i's mask comes from keys[i] alone: the rows of any batch that holds it, in any order, match.
+  order = np.random.default_rng(0).permutation(64)[:16]
+  alone = np.asarray(models._dropout(features[order], 0.25, row_keys(64)[order]))
+  np.testing.assert_array_equal(alone, dropped[order])
+  # No keys (eval) or rate 0: the input itself.
+  assert models._dropout(features, 0.25, None) is features
+  assert models._dropout(features, 0.0, row_keys(64)) is features
+
+
+def test_dropout_acts_on_the_dense_layer_input_only_with_keys():
+  # conv4 (the cheapest to compile); koch and resnet apply the same `_dropout` to their dense layer's input.
+  config, image_shape = TINY["conv4"]
+  config = dict(config, embedding_dim=6)
+  plain = make(config, image_shape)
+  dropping = make(dict(config, dropout=0.5), image_shape)
+  # The rate adds no parameters and draws nothing at creation: the same seed gives the same weights.
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(dropping, nnx.Param), nnx.state(plain, nnx.Param))
+  images = random_images((3,) + image_shape)
+  call = nnx.jit(lambda model, images, keys: model(images, dropout_keys=keys)[0])
+  without = np.asarray(forward(plain, images)[0])
+  # Without keys (embed_fn: evaluation, export) the dropout model is the plain one, bit for bit; and the
+  # plain model (rate 0) ignores keys.
+  graphdef, state = nnx.split(dropping)
+  np.testing.assert_array_equal(np.asarray(models.make_embed_fn(graphdef)(state, images)), without)
+  np.testing.assert_array_equal(np.asarray(call(plain, images, row_keys(3))), without)
+  # With keys, every image's embedding changes, each by its own key: the rows in another order, with their
+  # keys, give the same rows (up to the convolution's batch-dependent rounding).
+  dropped = np.asarray(call(dropping, images, row_keys(3)))
+  assert all(np.abs(d - w).max() > 1e-3 for d, w in zip(dropped, without))
+  np.testing.assert_allclose(np.asarray(call(dropping, images[::-1], row_keys(3)[::-1])), dropped[::-1],
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_config_mistakes_are_user_errors():
+  with pytest.raises(UserError, match=r"model.dropout: expected a rate in \[0, 1\), got 1.0"):
+    make({"name": "resnet", "widths": (4,), "blocks_per_stage": 1, "dropout": 1.0}, (28, 28, 1))
+  with pytest.raises(UserError, match="model.dropout=0.3 .* model.name='conv4' has only with model.embedding_dim > 0"):
+    make({"name": "conv4", "width": 8, "dropout": 0.3}, (28, 28, 1))

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import numpy as np
@@ -20,7 +21,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import kill_at_checkpoint
+from siamese_jax import training
+from siamese_jax.errors import UserError
 from siamese_jax.training import LoopState, collapse_warning
+from test_multiprocess import make_config
 from siamese_jax.writers import MetricWriter, read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -249,3 +253,56 @@ def test_resumed_writer_never_glues_a_record_onto_a_truncated_line(tmp_path, cap
   before = (tmp_path / "metrics.jsonl").read_bytes()
   MetricWriter(tmp_path).close()
   assert (tmp_path / "metrics.jsonl").read_bytes() == before
+
+
+# --------------------------------------------------------------------------------------------------
+# The Keras training options resume exactly
+
+
+def test_keras_options_resume_exactly(tmp_path, monkeypatch):
+  """RMSprop with inverse-time decay and reduce-on-plateau, dropout, flips and nearest fill, on the smoke
+  config (synthetic data, for CI's time: the options act on the step, not on the data): a run stopped by a
+  preemption at step 9 and resumed from its checkpoint, as after a kill, ends with the uninterrupted run's
+  parameters, batch statistics and optimizer state (the plateau's record included), bit for bit. Both
+  runs in this process, so on the same XLA:CPU arithmetic."""
+  config = make_config({
+      "data.source": "synthetic", "eval.lake_runs": False, "parallel.num_devices": 1,
+      "train.num_steps": 16, "train.eval_every": 2, "train.checkpoint_every": 4, "train.log_every": 4,
+      "model.width": 16, "model.embedding_dim": 32, "model.dropout": 0.3,
+      "augment.flip_probability": 0.5, "augment.fill": "nearest",
+      "optim.name": "rmsprop", "optim.learning_rate": 3e-3, "optim.schedule": "inverse_time",
+      "optim.decay_rate": 1.0, "optim.decay_steps": 8, "optim.plateau_patience": 1, "optim.plateau_factor": 0.5})
+  straight = training.train_and_evaluate(config, tmp_path / "straight")
+
+  agree_to_stop = training.agree_to_stop
+  monkeypatch.setattr(training, "agree_to_stop",
+                      lambda step, every, *requests: (step == 9, *agree_to_stop(step, every, *requests)[1:]))
+  assert training.train_and_evaluate(config, tmp_path / "resumed") == {"step": 9, "preempted": True}
+  monkeypatch.setattr(training, "agree_to_stop", agree_to_stop)
+  resumed = training.train_and_evaluate(config, tmp_path / "resumed")
+
+  states = [ocp.StandardCheckpointer().restore((tmp_path / run / "checkpoints" / "16" / "state").absolute())
+            for run in ("straight", "resumed")]
+  assert len(jax.tree.leaves(states[0])) > 10
+  jax.tree.map(np.testing.assert_array_equal, states[1], states[0])
+  assert resumed["episodes"] == straight["episodes"]
+  assert resumed["best_validation_accuracy"] == straight["best_validation_accuracy"]
+  # The plateau acted (so its state had something to carry across the restart): 8 validations with
+  # patience 1 reduced the scale at least once.
+  logged = {run: [line["validation/lr_scale"] for line in read_metrics(tmp_path / run) if "validation/lr_scale" in line]
+            for run in ("straight", "resumed")}
+  assert len(logged["straight"]) == 8 and logged["straight"][-1] < 1.0
+  assert logged["resumed"] == logged["straight"]
+
+
+def test_plateau_without_validation_is_a_user_error():
+  config = make_config({"optim.plateau_patience": 2, "train.eval_every": 0})
+  with_validation = types.SimpleNamespace(validation=object())
+  with pytest.raises(UserError, match=r"optim.plateau_patience=2 .*never validates .*train.eval_every > 0"):
+    training.check_plateau(config, with_validation)
+  config.train.eval_every = 5
+  training.check_plateau(config, with_validation)  # validates: fine
+  with pytest.raises(UserError, match="never validates"):
+    training.check_plateau(config, types.SimpleNamespace(validation=None))
+  config.optim.plateau_patience = 0
+  training.check_plateau(config, types.SimpleNamespace(validation=None))  # off: nothing to watch

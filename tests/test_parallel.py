@@ -179,7 +179,7 @@ def test_frozen_stages_stay_frozen_with_every_loss(case):
 
 def test_dropout_matches_one_device():
   """model.dropout: each image's mask is keyed by (seed, step, global example index), so pmap and shard_map
-  on 4 devices drop what one device drops, and the parameters agree as without dropout."""
+  on 4 devices drop what one device drops, and their parameters agree with one device's."""
   def config_with(dropout: float, strategy: str = "shard_map", devices: int = 1):
     config = synthetic_config("prototypical", "m_per_class")
     config.model.embedding_dim = 16  # conv4's dropout acts before this linear layer

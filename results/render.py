@@ -9,10 +9,14 @@ Sources: `results/**/*.json`, one per shipped config (variant): what `launch.py 
 optional keys: "num_steps" and "stopped_by" (a run its time limit stopped), "training_report" (what the
 training command printed on its last state), "other_episode_seeds" ({seed: partial eval report}).
 `results/literature.json` holds published figures of other methods. Fields a file lacks are shown as "—".
+An ablation measured on validation alphabets only (`results/ablations/losses/*.json`) has "validation_only":
+true, "change" (what differs from its reference), "validation" ({step: accuracy}) and "decision"; it is not
+a published test figure, so it appears only in docs/ablations.md's tables.
 
 Renderings: docs/results.md (whole file); README.md between `<!-- configs:begin -->` / `<!-- configs:end -->`
-and `<!-- results:begin -->` / `<!-- results:end -->`; in each config's docstring, the line starting with
-`Expected [results/render.py]: `. Standard library only.
+and `<!-- results:begin -->` / `<!-- results:end -->`; docs/ablations.md between `<!-- losses:begin -->` /
+`<!-- losses:end -->`; in each config's docstring, the line starting with `Expected [results/render.py]: `.
+Standard library only.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ LITERATURE = "literature.json"
 SETTINGS = ("20way1shot", "20way5shot", "5way1shot", "5way5shot")
 EXPECTED_PREFIX = "Expected [results/render.py]: "
 RESULTS_DOC = "docs/results.md"
+ABLATIONS_DOC = "docs/ablations.md"
+# docs/ablations.md's loss table: the reference every loss is set against, then each validation-only result.
+LOSS_REFERENCE = "configs/ablations/omniglot_triplet.py"
 DASH = "—"
 
 # The README's "which config?" table: (what you want, config file).
@@ -63,8 +70,9 @@ README_RESULTS = ("configs/omniglot.py", "configs/omniglot_hour.py", "configs/om
 # Loading
 
 
-def load_results(root: pathlib.Path = ROOT) -> dict[str, dict]:
-  """{config: results} of every results file but the literature's, in README order, then by path."""
+def load_results(root: pathlib.Path = ROOT, *, validation_only: bool = False) -> dict[str, dict]:
+  """{config: results} of every results file but the literature's, in README order, then by path: the
+  published (test) results, or with `validation_only` the ablations measured on validation alone."""
   found = {}
   for path in sorted((root / "results").rglob("*.json")):
     if path.name == LITERATURE:
@@ -72,7 +80,8 @@ def load_results(root: pathlib.Path = ROOT) -> dict[str, dict]:
     data = json.loads(path.read_text())
     if "config" not in data:
       raise ValueError(f"{path.relative_to(root)}: no \"config\" key (the config file it is the result of)")
-    found[data["config"]] = {**data, "_file": str(path.relative_to(root))}
+    if bool(data.get("validation_only")) == validation_only:
+      found[data["config"]] = {**data, "_file": str(path.relative_to(root))}
   first = [c for c in README_RESULTS if c in found]
   return {c: found[c] for c in first + sorted(set(found) - set(first))}
 
@@ -187,9 +196,15 @@ def commands(result: dict) -> list[str]:
 # Renderings
 
 
-def expected_line(config: str, results: dict[str, dict]) -> str:
+def expected_line(config: str, results: dict[str, dict], validation: dict[str, dict] | None = None) -> str:
   """The rendered Expected line of configs/<config>.py's header (each measured variant's where the file
-  itself has no results)."""
+  itself has no results; a file measured on validation only points at docs/ablations.md)."""
+  measured = sorted((c.split(":", 1)[1], r) for c, r in (validation or {}).items() if c.startswith(config + ":")
+                    and _finite(r.get("training_minutes")))
+  if config not in results and measured:
+    low, high = min(r["training_minutes"] for _, r in measured), max(r["training_minutes"] for _, r in measured)
+    return EXPECTED_PREFIX + (f"{len(measured)} variants measured, {low:g} to {high:g} min of training on 2 CPU "
+                              f"cores; validation only, in {ABLATIONS_DOC}.")
   result = results.get(config)
   variants = {c.split(":", 1)[1]: r for c, r in results.items()
               if c.startswith(config + ":") and _finite(r.get("training_minutes"))}
@@ -241,6 +256,25 @@ def readme_results_block(results: dict[str, dict], literature: dict) -> str:
   if scale:
     lines += ["", "For scale, on Lake's 20 runs: " + ", ".join(scale) + "."]
   return "\n".join(lines)
+
+
+def loss_ablations_block(results: dict[str, dict], validation: dict[str, dict]) -> str:
+  """docs/ablations.md's table of losses: the reference's row, then one row per validation-only result."""
+  rows = []
+  reference = results.get(LOSS_REFERENCE)
+  if reference is not None:
+    rows.append(["reference: triplet, semi-hard, margin 0.2", count(reference.get("steps")),
+                 training_time(reference), validation_text(reference.get("best_validation")), DASH,
+                 "the current best loss in this recipe", f"`{commands(reference)[0]}`" if commands(reference) else DASH])
+  for config, result in validation.items():
+    curve = result.get("validation") or {}
+    curve_text = ", ".join(f"{int(step) // 1000}k {fine_percent(accuracy)}" if int(step) % 1000 == 0
+                           else f"{step} {fine_percent(accuracy)}" for step, accuracy in curve.items())
+    rows.append([result.get("change", config), count(result.get("steps")), training_time(result),
+                 validation_text(result.get("best_validation")), curve_text or DASH, result.get("decision", DASH),
+                 f"`{commands(result)[0]}`" if commands(result) else DASH])
+  return "\n".join(table(["loss", "steps", "training", "best validation", "validation by step", "decision",
+                          "command"], rows))
 
 
 def _episode_table(result: dict) -> list[str]:
@@ -369,25 +403,30 @@ def config_files(root: pathlib.Path) -> list[pathlib.Path]:
   return sorted(p for p in (root / "configs").rglob("*.py") if p.name != "__init__.py")
 
 
-def render_config_header(path: pathlib.Path, root: pathlib.Path, results: dict[str, dict]) -> str:
+def render_config_header(path: pathlib.Path, root: pathlib.Path, results: dict[str, dict],
+                         validation: dict[str, dict]) -> str:
   text = path.read_text()
   docstring = ast.get_docstring(ast.parse(text), clean=False) or ""
   config = str(path.relative_to(root))
   lines = [line for line in docstring.splitlines() if line.startswith(EXPECTED_PREFIX)]
   if len(lines) != 1:
     raise ValueError(f"{config}: its header needs exactly one line starting with {EXPECTED_PREFIX!r}")
-  return text.replace(lines[0], expected_line(config, results), 1)
+  return text.replace(lines[0], expected_line(config, results, validation), 1)
 
 
 def renderings(root: pathlib.Path = ROOT) -> dict[pathlib.Path, str]:
   """{file: its rendered text} for every file this script writes."""
   results, literature = load_results(root), load_literature(root)
+  validation = load_results(root, validation_only=True)
   readme = (root / "README.md").read_text()
   readme = replace_block(readme, "configs", readme_configs_block(results), "README.md")
   readme = replace_block(readme, "results", readme_results_block(results, literature), "README.md")
-  out = {root / RESULTS_DOC: results_doc(results, literature), root / "README.md": readme}
+  ablations = replace_block((root / ABLATIONS_DOC).read_text(), "losses",
+                            loss_ablations_block(results, validation), ABLATIONS_DOC)
+  out = {root / RESULTS_DOC: results_doc(results, literature), root / "README.md": readme,
+         root / ABLATIONS_DOC: ablations}
   for path in config_files(root):
-    out[path] = render_config_header(path, root, results)
+    out[path] = render_config_header(path, root, results, validation)
   return out
 
 

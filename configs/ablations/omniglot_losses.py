@@ -1,7 +1,7 @@
 r"""Ablation: each metric-learning loss in configs/ablations/omniglot_triplet.py's recipe and training minutes.
 
   OMNIGLOT_DIR=../shared/data/omniglot python launch.py --config=configs/ablations/omniglot_losses.py:circle --workdir=runs/circle
-Expected [results/render.py]: measured on validation only; the table is in docs/ablations.md.
+Expected [results/render.py]: not measured; measured configs: docs/results.md.
 One variant per loss (`:multi_similarity`, `:circle`, `:lifted_structure`, `:supcon`, `:proxy_anchor`, `:arcface`,
 `:cosface`), with its published options; `:<loss>_smoke` (and `:smoke`) run in seconds.
 """

@@ -1,4 +1,4 @@
-"""The benchmark cases: train step, loader, loader-fed step, evaluation, device scaling.
+"""The benchmark cases: train step, loader, loader-fed step, evaluation, device scaling, PyTorch peer.
 
 Each case builds what it needs through the library's own entry points (`training.setup`,
 `pipeline.train_dataset`, `embedding.embed_images`, ...), so what is timed is what training and
@@ -10,8 +10,12 @@ from __future__ import annotations
 import functools
 import gc
 import importlib
+import json
 import os
 import pathlib
+import statistics
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -454,3 +458,170 @@ def index_case(*, num: int, backend: str, data: str, queries: int, query_pool: i
       row["recall_queries"] = common_queries
     rows.append(row)
   return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# The PyTorch peer (benchmarks/torch_peer.py): the same step and embedding in PyTorch, in a child process
+# of its own Python environment, timed in turns with the JAX case (round by round), reported as ratios
+
+
+PEER_SCRIPT = pathlib.Path(__file__).resolve().parent / "torch_peer.py"
+
+
+def find_torch_python(explicit: str) -> tuple[str | None, str]:
+  """(a Python that imports torch, a line saying which and its torch version), or (None, why not).
+
+  `explicit` (run.py's --torch-python) wins, then $SIAMESE_TORCH_PYTHON, then this Python itself.
+  """
+  candidates = [explicit] if explicit else [os.environ.get("SIAMESE_TORCH_PYTHON", ""), sys.executable]
+  tried = []
+  for python in filter(None, candidates):
+    try:
+      probe = subprocess.run([python, "-c", "import torch; print(torch.__version__)"], capture_output=True,
+                             text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as error:
+      tried.append(f"{python} ({type(error).__name__})")
+      continue
+    if probe.returncode == 0:
+      return python, f"torch {probe.stdout.strip()} from {python}"
+    tried.append(f"{python} (no torch)")
+  return None, (f"PyTorch peer skipped: torch is not importable by {', '.join(tried)}; install it in a venv of its "
+                "own and pass --torch-python or set SIAMESE_TORCH_PYTHON (benchmarks/README.md)")
+
+
+class TorchPeer:
+  """benchmarks/torch_peer.py --serve in the torch environment: one JSON request and reply per line.
+
+  Its messages (torch's warnings, the compiler's output) go to this process's stderr; only replies come
+  back on the pipe. While one side runs, the other waits on the pipe, so the two never compete for cores.
+  """
+
+  def __init__(self, python: str, threads: int):
+    self.process = subprocess.Popen([python, str(PEER_SCRIPT), "--serve", "--threads", str(threads)],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self.hello = self._reply()
+
+  def _reply(self) -> dict:
+    line = self.process.stdout.readline()
+    if not line:
+      raise RuntimeError(f"the PyTorch peer exited with status {self.process.wait()} (its messages are above)")
+    return json.loads(line)
+
+  def request(self, **message) -> dict:
+    self.process.stdin.write(json.dumps(message) + "\n")
+    self.process.stdin.flush()
+    return self._reply()
+
+  def close(self) -> None:
+    if self.process.poll() is None:
+      try:
+        self.process.stdin.write(json.dumps({"op": "quit"}) + "\n")
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+      except (OSError, subprocess.TimeoutExpired):
+        self.process.kill()
+        self.process.wait()
+
+
+def _image_size(config: ml_collections.ConfigDict) -> list[int]:
+  size = config.data.image_size
+  return [int(size), int(size)] if isinstance(size, int) else [int(s) for s in size]
+
+
+def peer_spec(config: ml_collections.ConfigDict, kind: str = "train", **extra: Any) -> dict[str, Any]:
+  """The config of a JAX case as the plain dicts torch_peer.py builds its case from (it refuses any
+  setting it does not reproduce); on the GPU where JAX runs, if JAX runs on one."""
+  return {"kind": kind, "model": config.model.to_dict(), "loss": config.loss.to_dict(),
+          "optim": config.optim.to_dict(), "augment": config.augment.to_dict(),
+          "sampling": config.sampling.to_dict(), "image_size": _image_size(config),
+          "channels": config.data.channels, "num_steps": config.train.num_steps,
+          "steps_per_epoch": config.train.steps_per_epoch, "seed": config.seed,
+          "device": "cuda" if jax.default_backend() == "gpu" else "cpu", **extra}
+
+
+def _interleaved(label: str, jax_work, peer: TorchPeer, spec: dict, *, variants: tuple[str, ...], warmup: int,
+                 rounds: int, repeats: int, steps_per_repeat: int, jax_parameters: int) -> dict[str, Any]:
+  """Seconds per unit of JAX (`jax_work()` does `steps_per_repeat` units) and of each PyTorch variant,
+  timed in turns: each round times every side `repeats` times, in an order that reverses from one round to
+  the next (drift hits both), and yields one ratio per variant (PyTorch seconds / JAX seconds: > 1 means
+  JAX is faster). The row has each side's median over rounds and each ratio's median, min and max."""
+  setup = peer.request(op="setup", case=spec, variants=list(variants), warmup=warmup)
+  row: dict[str, Any] = {"case": label, "parameters_jax": jax_parameters}
+  if "error" in setup:
+    row["note"] = setup["error"]
+    return row
+  row.update(parameters_torch=setup["parameters"], parameters_match=setup["parameters"] == jax_parameters)
+  row["torch_setup_seconds"] = setup["setup_seconds"]
+  notes = [f"{variant}: {setup[f'{variant}_error']}" for variant in variants if f"{variant}_error" in setup]
+  if notes:
+    row["note"] = "; ".join(notes)
+  for _ in range(warmup):
+    jax.block_until_ready(jax_work())
+  seconds: dict[str, list[float]] = {side: [] for side in ("jax", *setup["variants"])}
+  for round_index in range(rounds):
+    order = list(seconds) if round_index % 2 == 0 else list(seconds)[::-1]
+    for side in order:
+      if side == "jax":
+        timing = common.time_repeated(jax_work, warmup=0, repeats=repeats, units_per_call=steps_per_repeat)
+        seconds[side].append(timing.median)
+      else:
+        reply = peer.request(op="time", variant=side, steps=steps_per_repeat, repeats=repeats)
+        if "error" in reply:
+          raise RuntimeError(f"PyTorch peer, {label}, {side}: {reply['error']}")
+        seconds[side].append(statistics.median(reply["seconds"]))
+  row["rounds"] = rounds
+  row["seconds"] = seconds
+  for side, values in seconds.items():
+    row[f"{side}_seconds_median"] = statistics.median(values)
+    row[f"{side}_spread"] = common.Timing(values).as_dict()["spread"]
+  for variant in setup["variants"]:
+    ratios = [torch_seconds / jax_seconds for torch_seconds, jax_seconds in zip(seconds[variant], seconds["jax"])]
+    row[f"ratio_{variant}"] = ratios
+    row[f"ratio_{variant}_median"] = statistics.median(ratios)
+    row[f"ratio_{variant}_min"] = min(ratios)
+    row[f"ratio_{variant}_max"] = max(ratios)
+  return row
+
+
+def peer_train_case(label: str, config: ml_collections.ConfigDict, peer: TorchPeer, *,
+                    variants: tuple[str, ...], warmup: int, rounds: int, repeats: int,
+                    steps_per_repeat: int) -> dict[str, Any]:
+  """The JAX train step of `config` on a resident batch (as `train_step_case`) against the same step in
+  PyTorch: items/s of each side and the JAX / PyTorch speed ratios over rounds."""
+  built = training.setup(config)
+  step = CompiledStep(built, config)
+  batch_size = config.sampling.batch_size
+  row = {"kind": "train step", "model": config.model.name, "batch": batch_size,
+         "item": ITEM_NAMES[config.sampling.kind], "sampling": config.sampling.kind,
+         **_interleaved(label, lambda: step.run(steps_per_repeat), peer, peer_spec(config), variants=variants,
+                        warmup=warmup, rounds=rounds, repeats=repeats, steps_per_repeat=steps_per_repeat,
+                        jax_parameters=sum(x.size for x in jax.tree.leaves(built.state.params)))}
+  for side in ("jax", *variants):
+    if f"{side}_seconds_median" in row:
+      row[f"{side}_items_per_s"] = batch_size / row[f"{side}_seconds_median"]
+  del step, built
+  gc.collect()
+  return row
+
+
+def peer_embed_case(label: str, config: ml_collections.ConfigDict, peer: TorchPeer, *,
+                    variants: tuple[str, ...], rounds: int, repeats: int, max_images: int) -> dict[str, Any]:
+  """Evaluation's embedding of the test images (as `evaluation_cases`) against PyTorch inference of the same
+  network in eval mode, batch for batch (config.eval.batch_size, the last one padded)."""
+  built = training.setup(config)
+  embed_fn = models.make_embed_fn(built.graphdef)
+  variables = training.variables_of(jax.device_put(built.state))
+  images = pipeline.all_images(built.splits.test)[:max_images]
+  batch_size = config.eval.batch_size
+  spec = peer_spec(config, "embed", images=len(images), batch_size=batch_size)
+  row = {"kind": "embedding", "model": config.model.name, "batch": batch_size, "item": "images",
+         "images": len(images),
+         **_interleaved(label, lambda: embedding.embed_images(embed_fn, variables, images, batch_size), peer, spec,
+                        variants=variants, warmup=1, rounds=rounds, repeats=repeats, steps_per_repeat=1,
+                        jax_parameters=sum(x.size for x in jax.tree.leaves(built.state.params)))}
+  for side in ("jax", *variants):
+    if f"{side}_seconds_median" in row:
+      row[f"{side}_items_per_s"] = len(images) / row[f"{side}_seconds_median"]
+  del built, variables
+  gc.collect()
+  return row

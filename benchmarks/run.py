@@ -1,4 +1,4 @@
-r"""Throughput benchmarks: train step, input pipeline, evaluation, device scaling, gallery index.
+r"""Throughput benchmarks: train step, input pipeline, evaluation, device scaling, gallery index, PyTorch peer.
 
   python benchmarks/run.py --quick        # under 5 minutes on 2 CPU cores
   python benchmarks/run.py                # the full suite: more repetitions, more cases
@@ -6,7 +6,10 @@ r"""Throughput benchmarks: train step, input pipeline, evaluation, device scalin
 Warms up, times several repetitions of each case, prints markdown tables (median and spread) and
 writes everything to benchmarks/results/<machine>.json (e.g. cpu-2core.json), with the speed targets
 checked at the end. Reads Omniglot from $OMNIGLOT_DIR (or ../shared/data/omniglot beside the
-checkout), else uses the synthetic source of the same shapes. See benchmarks/README.md.
+checkout), else uses the synthetic source of the same shapes. The `peer` section times the same steps in
+PyTorch (benchmarks/torch_peer.py, in a Python that has torch: --torch-python or $SIAMESE_TORCH_PYTHON)
+in turns with the JAX ones and reports JAX / PyTorch ratios; without torch it is skipped with a note.
+See benchmarks/README.md.
 """
 
 import argparse
@@ -40,14 +43,19 @@ SUITES = {
                   koch_loader=((True, 0), (False, 0)), fed_workers=(0,), fed_steps=6, fed_repeats=5,
                   eval_repeats=3, koch_embed=False, scaling_steps=3, scaling_repeats=3, backbone_size=64,
                   backbone_steps=1, backbone_embed=128, index_sizes=(10_000, 100_000), index_queries=1000,
-                  index_queries_1m_exact=200, index_repeats=2),
+                  index_queries_1m_exact=200, index_repeats=2, peer_cases=((2, ("eager", "compile")), (3, ("eager",))),
+                  peer_rounds=3, peer_repeats=1, peer_conv_steps=3, peer_koch_steps=1, peer_koch_rounds=2,
+                  peer_embed_images=2048),
     "full": dict(matmul_warmup=3, matmul_repeats=10, warmup=2, repeats=7, conv_steps=20, koch_steps=2,
                  loader_warmup=64, loader_seconds=1.5, loader_workers=(0, 1, 2), lazy_workers=(0, 1, 2),
                  koch_loader=tuple((m, w) for m in (True, False) for w in (0, 1, 2)), fed_workers=(0, 1),
                  fed_steps=20, fed_repeats=7, eval_repeats=7, koch_embed=True, scaling_steps=10,
                  scaling_repeats=5, backbone_size=128, backbone_steps=2, backbone_embed=512,
                  index_sizes=(10_000, 100_000, 1_000_000), index_queries=4000, index_queries_1m_exact=1000,
-                 index_repeats=3),
+                 index_repeats=3, peer_cases=((2, ("eager", "compile")), (0, ("eager", "compile")),
+                                              (3, ("eager", "compile"))),
+                 peer_rounds=5, peer_repeats=2, peer_conv_steps=10, peer_koch_steps=1, peer_koch_rounds=3,
+                 peer_embed_images=0),
 }
 
 # Train-step cases: (label, config module, overrides). The third is the conv4 target's case (128 triplets,
@@ -60,6 +68,13 @@ TRAIN_CASES = (
     ("omniglot_koch (Koch, 105x105)", "omniglot_koch", {}),
 )
 
+
+# The PyTorch peer (benchmarks/torch_peer.py): each suite's peer_cases are (index into TRAIN_CASES, the
+# PyTorch variants timed against it). The quick suite leaves out the prototype step and Koch's compiled
+# variant to stay under 5 minutes; its embedding case embeds the first peer_embed_images test images (0: all).
+PEER_VARIANTS = ("eager", "compile")
+# --peer-smoke (a check that the peer works, not a measurement): small batches, one round of one step.
+PEER_SMOKE_BATCH = {"triplets": 8, "pairs": 8, "m_per_class": 20}
 
 # Pretrained backbones (configs/folder_pretrained.py on synthetic RGB data, random weights): model names.
 BACKBONES = ("resnet18", "resnet34", "resnet50", "vgg16", "efficientnet_lite0")
@@ -75,7 +90,7 @@ def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true", help="the short suite (under 5 minutes on 2 cores)")
   parser.add_argument("--only", default="", help="comma-separated sections to run: peak,train,loader,fed,eval,"
-                      "scaling,backbones,index (default: all); writes <machine>-partial.json")
+                      "scaling,backbones,index,peer (default: all); writes <machine>-partial.json")
   parser.add_argument("--machine", default="", help="results file name; default from platform and cores")
   parser.add_argument("--out", default=str(HERE / "results"), help="folder for <machine>.json")
   parser.add_argument("--cache-dir", default=str(pathlib.Path.home() / ".cache" / "siamese_jax" / "decoded"),
@@ -84,6 +99,10 @@ def parse_args(argv=None):
                       help="n of the n x n fp32 matmul peak (default 4096 on CPU, 8192 on accelerators)")
   parser.add_argument("--synthetic", action="store_true",
                       help="use the synthetic source (same shapes) even where Omniglot is present")
+  parser.add_argument("--torch-python", default="",
+                      help="a Python with torch for the PyTorch peer (default: $SIAMESE_TORCH_PYTHON, else this one)")
+  parser.add_argument("--peer-rounds", type=int, default=0, help="rounds of the PyTorch peer (default: the suite's)")
+  parser.add_argument("--peer-smoke", action="store_true", help=argparse.SUPPRESS)  # small batches, 1 round, 1 step
   parser.add_argument("--scaling-child", default="", help=argparse.SUPPRESS)  # internal: JSON path
   parser.add_argument("--index-child", default="", help=argparse.SUPPRESS)  # internal: JSON path of the case
   return parser.parse_args(argv)
@@ -137,6 +156,11 @@ INDEX_COLUMNS = [("gallery index", "case", ""), ("queries", "queries", "d"), ("b
                  ("peak RSS MB", "max_rss_mb", ".0f"),
                  ("embeddings MB", "embeddings_mb", ".0f"),
                  ("peak - embeddings MB", "max_rss_beside_embeddings_mb", ".0f")]
+PEER_COLUMNS = [("PyTorch peer (same run, in turns)", "case", ""), ("batch", "batch", "d"), ("item", "item", ""),
+                ("JAX items/s", "jax_items_per_s", ".1f"), ("eager items/s", "eager_items_per_s", ".1f"),
+                ("compile items/s", "compile_items_per_s", ".1f"), ("JAX / eager", "eager_ratio_text", ""),
+                ("JAX / compile", "compile_ratio_text", ""), ("rounds", "rounds", "d"),
+                ("parameters JAX, torch", "parameters_text", ""), ("note", "note", "")]
 TARGET_COLUMNS = [("target", "target", ""), ("measured", "measured", ""), ("needed", "needed", ""),
                   ("holds", "holds", "")]
 
@@ -154,14 +178,36 @@ def report_tables(results: dict) -> str:
                  f"load average {load[0]:.1f} at the start, {load[1]:.1f} at the end.")
   for key, columns in (("train_step", TRAIN_COLUMNS), ("loader", LOADER_COLUMNS), ("fed_step", FED_COLUMNS),
                        ("evaluation", EVAL_COLUMNS), ("scaling", SCALING_COLUMNS), ("backbones", BACKBONE_COLUMNS),
-                       ("index", INDEX_COLUMNS), ("targets", TARGET_COLUMNS)):
+                       ("index", INDEX_COLUMNS), ("peer", PEER_COLUMNS), ("targets", TARGET_COLUMNS)):
     rows = results.get(key)
+    if key == "peer" and results.get("peer_note"):
+      parts.append(results["peer_note"])
     if rows:
       for row in rows:
         if "xla_peak_bytes" in row:
           row.setdefault("xla_peak_mb", row["xla_peak_bytes"] / 2**20)
+      if key == "peer":
+        rows = [peer_display(row) for row in rows]
       parts.append(markdown_table(rows, columns))
   return "\n\n".join(parts)
+
+
+def ratio_text(row: dict, variant: str) -> str:
+  """JAX / PyTorch speed ratio over the rounds: "1.23x (1.15-1.29)", median (min-max); > 1: JAX is faster."""
+  if f"ratio_{variant}_median" not in row:
+    return ""
+  return (f"{row[f'ratio_{variant}_median']:.2f}x ({row[f'ratio_{variant}_min']:.2f}-"
+          f"{row[f'ratio_{variant}_max']:.2f})")
+
+
+def peer_display(row: dict) -> dict:
+  """A peer row with the table's text columns (kept out of the JSON)."""
+  shown = dict(row, case=f"{row['case']} ({row['kind']})", eager_ratio_text=ratio_text(row, "eager"),
+               compile_ratio_text=ratio_text(row, "compile"))
+  if "parameters_torch" in row:
+    same = "equal" if row["parameters_match"] else "DIFFERENT"
+    shown["parameters_text"] = f"{row['parameters_jax']:,}, {row['parameters_torch']:,} ({same})"
+  return shown
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -201,6 +247,22 @@ def check_targets(results: dict) -> list[dict]:
   for row in results.get("fed_step", []):
     add(f"step fed by the loader vs resident ({row['case']}, {row['workers']} workers)",
         f"{row['slowdown_pct']:+.1f} %", "within 5 %", row["slowdown_pct"] <= 5)
+  peer = {(row["kind"], row["case"]): row for row in results.get("peer", [])}
+  triplets = peer.get(("train step", TRAIN_CASES[2][0]), {})
+  if "ratio_compile_median" in triplets:
+    add(f"conv4 28x28, {triplets['batch']} triplets: JAX / torch.compile (median of rounds)",
+        ratio_text(triplets, "compile"),
+        ">= 1.5x", triplets["ratio_compile_median"] >= 1.5)
+  koch = peer.get(("train step", TRAIN_CASES[3][0]), {})
+  if "ratio_eager_median" in koch:
+    add(f"Koch 105x105, {koch['batch']} pairs: JAX / PyTorch eager (median of rounds)", ratio_text(koch, "eager"),
+        ">= 1.2x", koch["ratio_eager_median"] >= 1.2)
+  for row in results.get("peer", []):
+    ratios = [(row[f"ratio_{v}_median"], v) for v in PEER_VARIANTS if f"ratio_{v}_median" in row]
+    if row["kind"] == "embedding" and ratios:
+      ratio, variant = min(ratios)  # against the faster PyTorch variant
+      add(f"{row['case']}: JAX / PyTorch inference ({variant}, the faster)", ratio_text(row, variant), ">= 2x",
+          ratio >= 2)
   for row in results.get("evaluation", []):
     if row.get("model") == "conv4" and "images_per_s" in row:
       add("conv4 28x28 embedding for evaluation", f"{row['images_per_s']:.0f} images/s", ">= 5,000 images/s",
@@ -428,9 +490,53 @@ def section_index(context: Context) -> dict:
   return {"index": rows}
 
 
+def section_peer(context: Context) -> dict:
+  """The suite's train-step cases and evaluation's conv4 embedding, each against the same work in PyTorch
+  (benchmarks/torch_peer.py in a child process), timed in turns over rounds; skipped with a note where no
+  Python with torch is found."""
+  import cases
+  import common
+  args, settings = context.args, context.settings
+  python, found = cases.find_torch_python(args.torch_python)
+  print(f"  {found}", flush=True)
+  if python is None:
+    return {"peer_note": found}
+  smoke = args.peer_smoke
+  rounds = 1 if smoke else args.peer_rounds or settings["peer_rounds"]
+  repeats = 1 if smoke else settings["peer_repeats"]
+  peer = cases.TorchPeer(python, common.cpu_count())
+  rows = []
+  try:
+    for index, variants in settings["peer_cases"]:
+      label, name, overrides = TRAIN_CASES[index]
+      config = context.config(name, **overrides)
+      koch = name == "omniglot_koch"
+      if smoke:
+        config.sampling.batch_size = PEER_SMOKE_BATCH[config.sampling.kind]
+      steps = 1 if smoke else settings["peer_koch_steps" if koch else "peer_conv_steps"]
+      rows.append(cases.peer_train_case(label, config, peer, variants=variants, warmup=1,
+                                        rounds=min(rounds, settings["peer_koch_rounds"]) if koch else rounds,
+                                        repeats=repeats, steps_per_repeat=steps))
+      print_peer_row(rows[-1])
+    images = 256 if smoke else settings["peer_embed_images"] or 1 << 30
+    rows.append(cases.peer_embed_case("omniglot conv4: embed test images", context.config("omniglot"), peer,
+                                      variants=PEER_VARIANTS, rounds=rounds, repeats=repeats, max_images=images))
+    print_peer_row(rows[-1])
+  finally:
+    peer.close()
+  return {"peer": rows, "peer_torch": peer.hello}
+
+
+def print_peer_row(row: dict) -> None:
+  shown = peer_display(row)
+  ratios = ", ".join(f"JAX / {v} {shown[f'{v}_ratio_text']}" for v in PEER_VARIANTS if shown[f"{v}_ratio_text"])
+  print(f"  peer {shown['case']}: {ratios or '-'}; parameters JAX, torch {shown.get('parameters_text', '-')}"
+        + (f"; note: {row['note']}" if row.get("note") else ""), flush=True)
+
+
 SECTIONS = {"peak": section_peak, "train": section_train, "loader": section_loader, "fed": section_fed,
             "eval": section_eval, "scaling": section_scaling, "backbones": section_backbones,
-            "index": section_index}
+            "index": section_index, "peer": section_peer}
 
 
 def main(args) -> None:

@@ -218,7 +218,8 @@ def test_unknown_loss_name_lists_valid_losses(good_folder):
   config = folder_smoke(good_folder)
   config.loss = ml_collections.ConfigDict({"name": "foo"})
   message = setup_error(config)
-  assert "loss name 'foo' is not known; choose one of contrastive, koch_bce, prototypical, triplet" in message
+  assert ("loss name 'foo' is not known; choose one of arcface, circle, contrastive, cosface, koch_bce, "
+          "lifted_structure, multi_similarity, prototypical, proxy_anchor, supcon, triplet") in message
 
 
 def test_unknown_model_name_lists_valid_models(good_folder):
@@ -229,8 +230,8 @@ def test_unknown_model_name_lists_valid_models(good_folder):
 
 def test_unknown_optimizer_name_lists_valid_optimizers(good_folder):
   config = folder_smoke(good_folder)
-  config.optim.name = "rmsprop"
-  assert "name='rmsprop' is not known; choose one of sgd, adam, adamw" in setup_error(config)
+  config.optim.name = "adagrad"
+  assert "name='adagrad' is not known; choose one of sgd, adam, adamw, rmsprop" in setup_error(config)
 
 
 # ------------------------------------------------------------------------------------------------

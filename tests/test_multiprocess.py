@@ -292,6 +292,7 @@ def test_two_processes_train_like_one(one_process, two_processes):
   assert "train:" in stderr0 and "train:" not in stderr1  # the progress bar
 
 
+@pytest.mark.slow  # shard_map's two-process runs stay in CI; pmap's on demand, for the suite's 15 minutes
 def test_two_processes_with_pmap(one_process, tmp_path):
   """pmap keeps a stacked state; checkpoints and evaluation must use each process's own copies."""
   outputs = finish(start_processes(tmp_path, extra=["--set=parallel.strategy=pmap"]))
@@ -325,7 +326,10 @@ def test_two_processes_resume_after_preemption(tmp_path, two_processes):
   jax.tree.map(np.testing.assert_array_equal, resumed.opt_state, uninterrupted.opt_state)
 
 
-@pytest.mark.parametrize("dead", [1, 0], ids=["worker_dies", "coordinator_dies"])
+# The coordinator's death in CI; the worker's on demand: for the suite's 15 minutes, and because under load
+# JAX's coordination service may abort the coordinator (heartbeat timeout) before its collective reports
+# the lost peer, which this test cannot tell from a hang.
+@pytest.mark.parametrize("dead", [pytest.param(1, marks=pytest.mark.slow), 0], ids=["worker_dies", "coordinator_dies"])
 def test_survivor_exits_when_a_process_dies(tmp_path, dead):
   """kill -9 of one process in mid-training: the other must not wait forever in a collective."""
   survivor = 1 - dead

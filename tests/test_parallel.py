@@ -69,10 +69,10 @@ CASES = {
 }
 
 
-# Three in CI (the pair head's replicated gradient, a loss over the whole m-per-class batch, and class proxies
-# replicated and updated beside the model); the others on demand (pytest -m slow), for the suite's 15 minutes.
+# Two in CI (the pair head's replicated gradient, and a loss over the whole m-per-class batch); the others,
+# the class proxies and the two views included, on demand (pytest -m slow), for the suite's 15 minutes.
 ON_DEMAND = ("triplet_batch_hard", "contrastive_pairs", "multi_similarity", "circle", "lifted_structure",
-             "supcon_two_views", "proxy_anchor", "cosface")
+             "supcon_two_views", "proxy_anchor", "arcface", "cosface")
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in ON_DEMAND else c

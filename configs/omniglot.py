@@ -59,7 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model = models.default_config("conv4")  # every field and its meaning: siamese_jax/models.py
 
   config.loss = ml_collections.ConfigDict()
-  config.loss.name = "prototypical"  # koch_bce | contrastive | triplet | prototypical
+  config.loss.name = "prototypical"  # every loss, its batch kind and options: docs/losses.md
 
   config.optim = optim.default_config()  # every field and its meaning: siamese_jax/optim.py
   config.optim.name = "adam"

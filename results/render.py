@@ -10,7 +10,8 @@ optional keys: "num_steps" and "stopped_by" (a run its time limit stopped), "tra
 training command printed on its last state), "other_episode_seeds" ({seed: partial eval report}).
 `results/literature.json` holds published figures of other methods. Fields a file lacks are shown as "—".
 An ablation measured on validation alphabets only (`results/ablations/losses/*.json`) has "validation_only":
-true, "change" (what differs from its reference), "validation" ({step: accuracy}) and "decision"; it is not
+true, "change" (what differs from its reference), "validation" ({step: accuracy}), "decision" and optionally
+"idle_minutes" (steps at the run's median logged speed of its faster half, where it shared the machine); it is not
 a published test figure, so it appears only in docs/ablations.md's tables.
 
 Renderings: docs/results.md (whole file); README.md between `<!-- configs:begin -->` / `<!-- configs:end -->`
@@ -260,19 +261,23 @@ def readme_results_block(results: dict[str, dict], literature: dict) -> str:
 
 def loss_ablations_block(results: dict[str, dict], validation: dict[str, dict]) -> str:
   """docs/ablations.md's table of losses: the reference's row, then one row per validation-only result."""
+
+  def row(name: str, result: dict, decision: str) -> list[str]:
+    training = training_time(result)
+    if _finite(result.get("idle_minutes")) and result.get("idle_minutes") != result.get("training_minutes"):
+      training += f" ({minutes(result['idle_minutes'])} at its idle speed)"
+    curve = ", ".join(f"{int(step) / 1000:g}k {fine_percent(accuracy)}"
+                      for step, accuracy in (result.get("validation") or {}).items())
+    command = f"`{commands(result)[0]}`" if commands(result) else DASH
+    return [name, count(result.get("steps")), training, validation_text(result.get("best_validation")),
+            curve or DASH, decision, command]
+
   rows = []
-  reference = results.get(LOSS_REFERENCE)
-  if reference is not None:
-    rows.append(["reference: triplet, semi-hard, margin 0.2", count(reference.get("steps")),
-                 training_time(reference), validation_text(reference.get("best_validation")), DASH,
-                 "the current best loss in this recipe", f"`{commands(reference)[0]}`" if commands(reference) else DASH])
-  for config, result in validation.items():
-    curve = result.get("validation") or {}
-    curve_text = ", ".join(f"{int(step) // 1000}k {fine_percent(accuracy)}" if int(step) % 1000 == 0
-                           else f"{step} {fine_percent(accuracy)}" for step, accuracy in curve.items())
-    rows.append([result.get("change", config), count(result.get("steps")), training_time(result),
-                 validation_text(result.get("best_validation")), curve_text or DASH, result.get("decision", DASH),
-                 f"`{commands(result)[0]}`" if commands(result) else DASH])
+  if LOSS_REFERENCE in results:
+    rows.append(row("reference: triplet, semi-hard, margin 0.2 (T2)", results[LOSS_REFERENCE],
+                    "the best loss in this recipe so far"))
+  rows += [row(result.get("change", config), result, result.get("decision", DASH))
+           for config, result in validation.items()]
   return "\n".join(table(["loss", "steps", "training", "best validation", "validation by step", "decision",
                           "command"], rows))
 

@@ -200,10 +200,11 @@ def commands(result: dict) -> list[str]:
 def expected_line(config: str, results: dict[str, dict], validation: dict[str, dict] | None = None) -> str:
   """The rendered Expected line of configs/<config>.py's header (each measured variant's where the file
   itself has no results; a file measured on validation only points at docs/ablations.md)."""
-  measured = sorted((c.split(":", 1)[1], r) for c, r in (validation or {}).items() if c.startswith(config + ":")
-                    and _finite(r.get("training_minutes")))
+  measured = [r.get("idle_minutes", r.get("training_minutes")) for c, r in (validation or {}).items()
+              if c.startswith(config + ":")]
+  measured = [m for m in measured if _finite(m)]
   if config not in results and measured:
-    low, high = min(r["training_minutes"] for _, r in measured), max(r["training_minutes"] for _, r in measured)
+    low, high = min(measured), max(measured)
     return EXPECTED_PREFIX + (f"{len(measured)} variants measured, {low:g} to {high:g} min of training on 2 CPU "
                               f"cores; validation only, in {ABLATIONS_DOC}.")
   result = results.get(config)

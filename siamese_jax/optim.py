@@ -201,6 +201,12 @@ def _inverse_time(peak: float, decay_rate: float, decay_steps: int, staircase: b
   return schedule
 
 
+def _batch_scale(fields: dict[str, Any], global_batch_size: int) -> float:
+  """The learning rate's multiplier for this batch: the linear scaling rule (Goyal et al. 2017), the same lr
+  per example when the batch grows, if scale_lr_by_batch; else 1."""
+  return global_batch_size / fields["base_batch_size"] if fields["scale_lr_by_batch"] else 1.0
+
+
 def create_optimizer(config: ml_collections.ConfigDict | Mapping[str, Any], *, steps_per_epoch: int,
                      global_batch_size: int, labels: Any = None) -> tuple[optax.GradientTransformation, Schedule]:
   """The optax transformation and its schedule (step -> learning rate of the new layers, for logging).
@@ -217,8 +223,7 @@ def create_optimizer(config: ml_collections.ConfigDict | Mapping[str, Any], *, s
   """
   fields = _fields(config)
   _validate(fields, steps_per_epoch, global_batch_size)
-  scale = global_batch_size / fields["base_batch_size"] if fields["scale_lr_by_batch"] else 1.0
-  # Linear scaling rule (Goyal et al. 2017): same lr per example when the batch grows.
+  scale = _batch_scale(fields, global_batch_size)
   peak = float(fields["learning_rate"]) * scale
   schedule = _schedule(fields, peak, steps_per_epoch)
   clip = [optax.clip_by_global_norm(fields["clip_grad_norm"])] if fields["clip_grad_norm"] > 0 else []
@@ -244,8 +249,7 @@ def create_proxy_optimizer(config: ml_collections.ConfigDict | Mapping[str, Any]
   proxy_lr_multiplier times its peak learning rate; no gradient clipping (the model's clip is its own)."""
   fields = _fields(config)
   _validate(fields, steps_per_epoch, global_batch_size)
-  scale = global_batch_size / fields["base_batch_size"] if fields["scale_lr_by_batch"] else 1.0
-  peak = float(fields["learning_rate"]) * scale * float(fields["proxy_lr_multiplier"])
+  peak = float(fields["learning_rate"]) * _batch_scale(fields, global_batch_size) * float(fields["proxy_lr_multiplier"])
   return optax.chain(*_update_rule(fields, _schedule(fields, peak, steps_per_epoch)))
 
 

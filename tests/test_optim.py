@@ -356,3 +356,17 @@ def test_plateau_scales_every_part_of_a_fine_tuned_model():
     state = jax.tree.map(jnp.asarray, optim.record_validation(state, accuracy, config))
   updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
   assert (float(updates["a"][0]), float(updates["b"][0])) == pytest.approx((-0.5, -0.05))
+
+
+def test_proxy_optimizer_runs_the_models_rule_at_its_multiple_of_the_learning_rate():
+  """A proxy loss's class proxies: plain SGD at learning_rate x proxy_lr_multiplier (batch scaling included),
+  following the model's schedule; the model's gradient clip does not apply to them."""
+  config = {"name": "sgd", "momentum": 0.0, "learning_rate": 0.01, "proxy_lr_multiplier": 10.0,
+            "scale_lr_by_batch": True, "base_batch_size": 32, "schedule": "constant", "clip_grad_norm": 0.5}
+  tx = optim.create_proxy_optimizer(config, steps_per_epoch=10, global_batch_size=64)
+  proxies = jnp.ones((3, 2))
+  gradient = jnp.full((3, 2), 4.0)  # global norm 9.8, far above the clip
+  updates, _ = tx.update(gradient, tx.init(proxies), proxies)
+  np.testing.assert_allclose(updates, -0.01 * 10.0 * (64 / 32) * gradient, rtol=1e-6)
+  with pytest.raises(UserError, match="proxy_lr_multiplier"):
+    optim.create_proxy_optimizer(dict(config, proxy_lr_multiplier=0.0), steps_per_epoch=10, global_batch_size=64)

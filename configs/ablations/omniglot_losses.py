@@ -1,7 +1,7 @@
 r"""Ablation: each metric-learning loss in configs/ablations/omniglot_triplet.py's recipe and training minutes.
 
   OMNIGLOT_DIR=../shared/data/omniglot python launch.py --config=configs/ablations/omniglot_losses.py:circle --workdir=runs/circle
-Expected [results/render.py]: 3 variants measured, 18 to 19.5 min of training on 2 CPU cores; validation only, in docs/ablations.md.
+Expected [results/render.py]: 7 variants measured, 17.7 to 19.5 min of training on 2 CPU cores; validation only, in docs/ablations.md.
 One variant per loss (`:multi_similarity`, `:circle`, `:lifted_structure`, `:supcon`, `:proxy_anchor`, `:arcface`,
 `:cosface`), with its published options; `:<loss>_smoke` (and `:smoke`) run in seconds.
 """

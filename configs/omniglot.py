@@ -69,7 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.parallel = ml_collections.ConfigDict()
   config.parallel.strategy = "shard_map"  # shard_map | pmap: same per-device code
-  config.parallel.num_devices = 0  # 0 = all devices
+  config.parallel.num_devices = 0  # 0 = every GPU/TPU; on CPU, the CPU split into up to 8 devices (docs/scaling.md)
 
   config.train = ml_collections.ConfigDict()
   config.train.num_steps = 4000  # optimizer steps

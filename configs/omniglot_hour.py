@@ -14,6 +14,7 @@ def cpu_hour_recipe(arg: str | None = None):
   """The fast default plus what validation chose for an hour of CPU (docs/ablations.md), with its
   prototype loss: configs/ablations/omniglot_cpu_hour.py. `arg`: None or `smoke`."""
   config = omniglot.get_config("smoke" if arg == "smoke" else None)
+  config.parallel.num_devices = 1  # its figures ran on one CPU device: pinned so that they reproduce
   config.sampling.classes_per_group = 16  # the in-batch negatives of Lake's within-alphabet test
   config.augment.translate_px = 3.0
   config.eval.tta_shift_px = 3

@@ -13,6 +13,7 @@ from siamese_jax.configs import omniglot
 
 def get_config(arg: str | None = None):
   config = omniglot.get_config("smoke" if arg == "smoke" else None)
+  config.parallel.num_devices = 1  # its figures ran on one CPU device: pinned so that they reproduce
   config.data.omniglot_split = "vinyals"  # train.txt / val.txt / test.txt under splits/vinyals/
   config.augment.translate_px = 3.0
   config.eval.tta_shift_px = 3

@@ -13,6 +13,7 @@ batch from this process's rows.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import jax
@@ -23,6 +24,36 @@ from siamese_jax.errors import UserError
 
 AXIS = "data"
 STRATEGIES = ("shard_map", "pmap")
+# On CPU one XLA device leaves cores idle in the conv4 step: XLA:CPU runs the programs of several devices side
+# by side, and the same global batch trains faster split over 2-8 of them (benchmarks/run.py's `scaling`
+# table). So a training run on CPU with `parallel.num_devices=0` splits the CPU into up to this many devices.
+DEFAULT_CPU_DEVICES = 8
+
+
+def default_cpu_devices(global_batch_size: int) -> int:
+  """The largest divisor of the global batch up to DEFAULT_CPU_DEVICES: the default never makes a batch
+  indivisible."""
+  if not isinstance(global_batch_size, int) or global_batch_size < 1:
+    return 1  # the sampler reports the bad batch size
+  return max(n for n in range(1, DEFAULT_CPU_DEVICES + 1) if global_batch_size % n == 0)
+
+
+def request_cpu_devices(count: int) -> bool:
+  """Asks JAX to start its CPU backend with `count` devices; True where that took effect.
+
+  Only possible before JAX starts its backends (the first computation or `jax.devices()`), and left alone
+  where the user chose a count (`jax_num_cpu_devices`, $JAX_NUM_CPU_DEVICES or XLA's
+  --xla_force_host_platform_device_count) or joined a multi-process run (each process keeps its devices).
+  Harmless on GPU/TPU hosts: only the CPU backend's devices change.
+  """
+  from jax._src import xla_bridge  # noqa: PLC0415 - JAX offers no public "have the backends started?"
+
+  if (not isinstance(count, int) or count < 1 or xla_bridge.backends_are_initialized() or jax.distributed.is_initialized()
+      or jax.config.jax_num_cpu_devices >= 0
+      or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")):
+    return False
+  jax.config.update("jax_num_cpu_devices", count)
+  return True
 
 
 class DataParallel:
@@ -31,6 +62,10 @@ class DataParallel:
   def __init__(self, strategy: str = "shard_map", num_devices: int | None = None):
     if strategy not in STRATEGIES:
       raise UserError(f"parallel.strategy='{strategy}' is not one of {STRATEGIES}.")
+    if num_devices is not None and (isinstance(num_devices, bool) or not isinstance(num_devices, int)
+                                    or num_devices < 0):
+      raise UserError(f"parallel.num_devices={num_devices!r}: expected 0 (every device; on CPU, the default "
+                      "split) or a positive number of devices.")
     devices = jax.devices()
     if num_devices:
       if num_devices > len(devices):

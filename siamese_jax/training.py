@@ -37,7 +37,7 @@ from siamese_jax.data import pipeline, sampling
 from siamese_jax.errors import UserError
 from siamese_jax.metrics import embedding, episodes, scoring
 from siamese_jax.one_shot import one_shot_results
-from siamese_jax.parallel import AXIS, DataParallel
+from siamese_jax.parallel import AXIS, DataParallel, default_cpu_devices, request_cpu_devices
 from siamese_jax.workdir import (CHECKPOINTS_DIRNAME, CONFIG_FILENAME, ENSEMBLE_FILENAME, RESULTS_FILENAME,
                                   threshold_path, write_json)
 from siamese_jax.writers import MetricWriter
@@ -194,6 +194,8 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   loss_fn = losses.get_loss(config.loss.name)
   loss_options = {k: v for k, v in config.loss.items() if k != "name"}
   losses.validate_loss_options(config.loss.name, loss_options)
+  # Before anything starts JAX: on CPU, how many devices to split the machine into (parallel.py).
+  request_cpu_devices(config.parallel.num_devices or default_cpu_devices(config.sampling.batch_size))
   parallel = DataParallel(config.parallel.strategy, config.parallel.num_devices or None)
   parallel.check_batch_size(config.sampling.batch_size)
   splits = pipeline.load_splits(config.data, seed=config.seed)
@@ -415,6 +417,10 @@ def _train_and_evaluate(config, workdir: pathlib.Path, built: Setup) -> dict:
   train_config, parallel, num_steps = config.train, built.parallel, config.train.num_steps
   is_main = jax.process_index() == 0
   embed_fn = models.make_embed_fn(built.graphdef, config.eval.tta_shift_px)
+  if is_main:
+    print(f"Training on {parallel.num_devices} {parallel.devices[0].platform.upper()} device"
+          f"{'s' if parallel.num_devices > 1 else ''} ({parallel.strategy}, global batch "
+          f"{config.sampling.batch_size})", flush=True)
   checkpointer = checkpoint.Checkpointer(workdir / CHECKPOINTS_DIRNAME, max_to_keep=train_config.max_checkpoints)
   iterator = iter(pipeline.train_dataset(built.splits.train, built.sampler, num_steps=num_steps,
                                          num_workers=config.data.num_workers, process_index=jax.process_index(),
@@ -470,6 +476,9 @@ def _train_and_evaluate(config, workdir: pathlib.Path, built: Setup) -> dict:
   results = final_report(embed_fn, final_state, built.splits, config, step=int(final_state.step),
                          scorer=built.scorer(final_state))
   results["training_seconds"] = training_seconds
+  # Bit-reproducible for a machine kind and this count (the parameters depend on how the batch was split).
+  results["devices"] = {"count": parallel.num_devices, "kind": parallel.devices[0].device_kind,
+                        "strategy": parallel.strategy, "processes": jax.process_count()}
   results["best_validation_accuracy"] = loop.best_validation_accuracy
   if is_main:
     results["threshold"] = calibrate_after_training(workdir, built.splits)

@@ -57,6 +57,7 @@ def own_workdir(workdir, tmp_path) -> pathlib.Path:
 def test_training_calibrates_the_threshold_at_its_end(workdir):
   record = json.loads((workdir / "eval" / "threshold.json").read_text())
   results = json.loads((workdir / "results.json").read_text())
+  assert results["devices"] == {"count": 4, "kind": "cpu", "strategy": "shard_map", "processes": 1}  # conftest's
   model = load_trained_model(workdir)  # the best checkpoint: the one the threshold is for
   assert record["calibrated_on"] == "validation" and record["step"] == model.step == results["threshold"]["step"]
   assert record["scoring"] == "distance" and record["threshold"] > 0 and "gallery_threshold" in record

@@ -288,6 +288,8 @@ def test_two_processes_train_like_one(one_process, two_processes):
   assert logged_steps == [2, 4, 6, 8]
   results = json.loads((workdir / "results.json").read_text())
   assert results["step"] == NUM_STEPS
+  # Each process keeps its 2 devices (no default CPU split in a multi-process run): one 4-device mesh.
+  assert results["devices"] == {"count": 4, "kind": "cpu", "strategy": "shard_map", "processes": 2}
   (_, stdout0, stderr0), (_, stdout1, stderr1) = outputs
   assert "train:" in stderr0 and "train:" not in stderr1  # the progress bar
 

@@ -1,12 +1,19 @@
 """Data parallelism: pmap, shard_map and one device give the same parameters (4 fake CPU devices)."""
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
 
 from siamese_jax.configs import omniglot
-from siamese_jax import models, optim, training
+from siamese_jax import models, optim, parallel, training
 from siamese_jax.data import pipeline
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def run_steps(config, num_steps: int):
@@ -223,3 +230,45 @@ def test_reduce_on_plateau_updates_the_state_in_either_layout(strategy):
   initial = jax.device_get(built.state.params)
   jax.tree.map(lambda s, u, i: np.testing.assert_allclose(s - i, 0.25 * (u - i), rtol=1e-4, atol=1e-7),
                moved(scaled), moved(unscaled), initial)
+
+
+# ------------------------------------------------------------------------------------------------
+# On CPU a training process splits the machine into several devices by default (parallel.DEFAULT_CPU_DEVICES).
+
+
+@pytest.mark.parametrize("batch, expected", [(240, 8), (128, 8), (18, 6), (7, 7), (11, 1), (0, 1)])
+def test_default_cpu_devices_is_the_largest_divisor_of_the_batch_up_to_eight(batch, expected):
+  assert parallel.DEFAULT_CPU_DEVICES == 8
+  assert parallel.default_cpu_devices(batch) == expected
+
+
+SETUP_CHILD = """
+import sys
+import jax
+from siamese_jax.configs import omniglot
+from siamese_jax import training
+config = omniglot.get_config("smoke")
+config.data.source = "synthetic"
+for item in sys.argv[1:]:
+  key, value = item.split("=")
+  section, field = key.split(".")
+  config[section][field] = int(value)
+built = training.setup(config)
+print(built.parallel.num_devices, len(jax.devices()))
+"""
+
+
+@pytest.mark.parametrize("overrides, env, expected", [
+    ([], {}, "8 8"),  # the smoke batch of 40 splits 8 ways
+    (["sampling.batch_size=18", "sampling.m_per_class=3"], {}, "6 6"),  # the largest divisor up to 8
+    (["parallel.num_devices=1"], {}, "1 1"),  # a config pinned to the device count its figures ran with
+    (["parallel.num_devices=2"], {"JAX_NUM_CPU_DEVICES": "4"}, "2 4"),  # the user's device count is kept
+    ([], {"JAX_NUM_CPU_DEVICES": "4"}, "4 4"),
+])
+def test_a_fresh_training_process_splits_the_cpu(overrides, env, expected):
+  """conftest gives this process 4 devices already; a fresh one shows the default (a child process)."""
+  environment = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS")}
+  result = subprocess.run([sys.executable, "-c", SETUP_CHILD, *overrides], cwd=REPO, capture_output=True,
+                          text=True, env={**environment, "JAX_PLATFORMS": "cpu", **env}, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.split("\n")[-2] == expected

@@ -16,6 +16,7 @@ def get_config(arg: str | None = None):
   if arg not in ("frozen", "finetune", "smoke"):
     raise ValueError(f"unknown config variant '{arg}' (known: frozen, finetune, smoke)")
   config = omniglot.get_config("smoke" if arg == "smoke" else None)
+  config.parallel.num_devices = 1  # its figures ran on one CPU device: pinned so that they reproduce
   config.model = models.default_config("efficientnet_lite0")
   config.model.pretrained = folder_pretrained.lite0_weights()
   config.model.embedding_dim = 128

@@ -23,7 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from siamese_jax import models, training
+from siamese_jax import models, parallel, training
 from siamese_jax.data import pipeline, sampling
 from siamese_jax.index import USEARCH_EXPANSION, GalleryIndex
 from siamese_jax.metrics import embedding, lake
@@ -54,9 +54,11 @@ def _config_module(name: str):
   return importlib.import_module(f"configs.{name}")
 
 
-def load_config(name: str, *, data_dir: pathlib.Path | None, cache_dir: str, num_devices: int = 1,
+def load_config(name: str, *, data_dir: pathlib.Path | None, cache_dir: str, num_devices: int | None = None,
                 strategy: str = "shard_map", **overrides: Any) -> ml_collections.ConfigDict:
-  """A shipped config (configs/<name>.py) pointed at the benchmark's data, on `num_devices` devices.
+  """A shipped config (configs/<name>.py) pointed at the benchmark's data, on `num_devices` devices
+  (None: what training uses by default, whatever the config pins: on CPU, `parallel.default_cpu_devices` of
+  its batch, which run.py's process has created; elsewhere every device).
 
   Without Omniglot the synthetic source stands in (same shapes, so the same compute), with enough
   classes for the m-per-class batches of the reference configs.
@@ -70,13 +72,15 @@ def load_config(name: str, *, data_dir: pathlib.Path | None, cache_dir: str, num
     config.data.source = "synthetic"
     config.data.synthetic_classes = 200
   config.parallel.strategy = strategy
-  config.parallel.num_devices = num_devices
   for dotted, value in overrides.items():
     node = config
     *parents, leaf = dotted.split(".")
     for parent in parents:
       node = node[parent]
     node[leaf] = value
+  if num_devices is None:
+    num_devices = parallel.default_cpu_devices(config.sampling.batch_size) if jax.default_backend() == "cpu" else 0
+  config.parallel.num_devices = num_devices
   return config
 
 
@@ -170,6 +174,44 @@ def train_step_case(label: str, config: ml_collections.ConfigDict, *, warmup: in
   del step, built
   gc.collect()
   return result
+
+
+def interleaved_step_cases(labelled_configs: list[tuple[str, ml_collections.ConfigDict]], *, warmup: int,
+                           rounds: int, steps_per_repeat: int, peak_gflops: float) -> list[dict[str, Any]]:
+  """Several configs' steps (e.g. one config over 1, 2, 4, 8 devices) compiled side by side, then timed in
+  turns: each round times every step once, in an order that reverses from one round to the next, so that the
+  host's drift (it moves by 15 % from run to run) hits every case alike. One row each, as `train_step_case`."""
+  steps = []
+  for label, config in labelled_configs:
+    built = training.setup(config)
+    steps.append((label, config, built, CompiledStep(built, config)))
+  for _ in range(warmup):
+    for *_, step in steps:
+      jax.block_until_ready(step.run(steps_per_repeat))
+  seconds: list[list[float]] = [[] for _ in steps]
+  for round_index in range(rounds):
+    order = range(len(steps)) if round_index % 2 == 0 else reversed(range(len(steps)))
+    for index in order:
+      start = time.perf_counter()
+      jax.block_until_ready(steps[index][3].run(steps_per_repeat))
+      seconds[index].append((time.perf_counter() - start) / steps_per_repeat)
+  rows = []
+  for (label, config, built, step), times in zip(steps, seconds):
+    timing = common.Timing(times)
+    batch_size = config.sampling.batch_size
+    row = {"case": label, "model": config.model.name, "batch": batch_size, "item": ITEM_NAMES[config.sampling.kind],
+           "images_per_step": batch_size * built.sampler.k, "strategy": built.parallel.strategy,
+           "devices": built.parallel.num_devices, **timing.as_dict("step_seconds"),
+           "steps_per_s": 1.0 / timing.median, "items_per_s": batch_size / timing.median,
+           "images_per_s": batch_size * built.sampler.k / timing.median, "compile_seconds": step.compile_seconds,
+           **step.memory}
+    if step.flops is not None:
+      row["gflops_per_s"] = step.flops / timing.median / 1e9
+      row["pct_of_peak"] = 100.0 * row["gflops_per_s"] / peak_gflops
+    rows.append(row)
+  del steps
+  gc.collect()
+  return rows
 
 
 # ----------------------------------------------------------------------------------------------------

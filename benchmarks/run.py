@@ -36,26 +36,28 @@ for path in (str(REPO), str(HERE)):  # `configs` and `siamese_jax` from the chec
 SCALING_DEVICES = (1, 2, 4, 8)
 
 # Repetitions per suite. The quick suite keeps the 2-core total under 5 minutes (the Koch step alone
-# takes seconds); the full one takes longer and times more.
+# takes seconds) by leaving out the pretrained backbones and the gallery index (`sections`; run them with
+# --only); the full one runs every section and times more.
 SUITES = {
     "quick": dict(matmul_warmup=2, matmul_repeats=5, warmup=1, repeats=3, conv_steps=4, koch_steps=1,
-                  loader_warmup=32, loader_seconds=0.3, loader_workers=(0, 1, 2), lazy_workers=(0, 2),
-                  koch_loader=((True, 0), (False, 0)), fed_workers=(0,), fed_steps=6, fed_repeats=5,
-                  eval_repeats=3, koch_embed=False, scaling_steps=3, scaling_repeats=3, backbone_size=64,
+                  train_cases=(0, 1, 2), loader_warmup=32, loader_seconds=0.3, loader_workers=(0,),
+                  lazy_workers=(0,), koch_loader=((True, 0),), fed_workers=(0,), fed_steps=4, fed_repeats=4,
+                  eval_repeats=2, koch_embed=False, scaling_steps=3, scaling_repeats=3,
+                  scaling_strategies=("shard_map",), backbone_size=64,
                   backbone_steps=1, backbone_embed=128, index_sizes=(10_000, 100_000), index_queries=1000,
-                  index_queries_1m_exact=200, index_repeats=2, peer_cases=((2, ("eager", "compile")), (3, ("eager",))),
+                  index_queries_1m_exact=200, index_repeats=2, peer_cases=((2, ("eager", "compile")),),
                   peer_rounds=3, peer_repeats=1, peer_conv_steps=3, peer_koch_steps=1, peer_koch_rounds=2,
-                  peer_embed_images=2048),
+                  peer_embed_images=2048, sections=("peak", "train", "loader", "fed", "eval", "scaling", "peer")),
     "full": dict(matmul_warmup=3, matmul_repeats=10, warmup=2, repeats=7, conv_steps=20, koch_steps=2,
-                 loader_warmup=64, loader_seconds=1.5, loader_workers=(0, 1, 2), lazy_workers=(0, 1, 2),
-                 koch_loader=tuple((m, w) for m in (True, False) for w in (0, 1, 2)), fed_workers=(0, 1),
-                 fed_steps=20, fed_repeats=7, eval_repeats=7, koch_embed=True, scaling_steps=10,
-                 scaling_repeats=5, backbone_size=128, backbone_steps=2, backbone_embed=512,
-                 index_sizes=(10_000, 100_000, 1_000_000), index_queries=4000, index_queries_1m_exact=1000,
-                 index_repeats=3, peer_cases=((2, ("eager", "compile")), (0, ("eager", "compile")),
-                                              (3, ("eager", "compile"))),
+                 train_cases=(0, 1, 2, 3), loader_warmup=64, loader_seconds=1.5, loader_workers=(0, 1, 2),
+                 lazy_workers=(0, 1, 2), koch_loader=tuple((m, w) for m in (True, False) for w in (0, 1, 2)),
+                 fed_workers=(0, 1), fed_steps=20, fed_repeats=7, eval_repeats=7, koch_embed=True, scaling_steps=10,
+                 scaling_repeats=5, scaling_strategies=("shard_map", "pmap"), backbone_size=128, backbone_steps=2,
+                 backbone_embed=512, index_sizes=(10_000, 100_000, 1_000_000), index_queries=4000,
+                 index_queries_1m_exact=1000, index_repeats=3,
+                 peer_cases=((2, ("eager", "compile")), (0, ("eager", "compile")), (3, ("eager", "compile"))),
                  peer_rounds=5, peer_repeats=2, peer_conv_steps=10, peer_koch_steps=1, peer_koch_rounds=3,
-                 peer_embed_images=0),
+                 peer_embed_images=0, sections=None),
 }
 
 # Train-step cases: (label, config module, overrides). The third is the conv4 target's case (128 triplets,
@@ -70,8 +72,9 @@ TRAIN_CASES = (
 
 
 # The PyTorch peer (benchmarks/torch_peer.py): each suite's peer_cases are (index into TRAIN_CASES, the
-# PyTorch variants timed against it). The quick suite leaves out the prototype step and Koch's compiled
-# variant to stay under 5 minutes; its embedding case embeds the first peer_embed_images test images (0: all).
+# PyTorch variants timed against it). The quick suite times the conv4 target's step only (Koch's step takes
+# 10-20 s a side on 2 cores: the full suite, or --only peer without --quick, times it); its embedding case
+# embeds the first peer_embed_images test images (0: all).
 PEER_VARIANTS = ("eager", "compile")
 # --peer-smoke (a check that the peer works, not a measurement): small batches, one round of one step.
 PEER_SMOKE_BATCH = {"triplets": 8, "pairs": 8, "m_per_class": 20}
@@ -103,7 +106,6 @@ def parse_args(argv=None):
                       help="a Python with torch for the PyTorch peer (default: $SIAMESE_TORCH_PYTHON, else this one)")
   parser.add_argument("--peer-rounds", type=int, default=0, help="rounds of the PyTorch peer (default: the suite's)")
   parser.add_argument("--peer-smoke", action="store_true", help=argparse.SUPPRESS)  # small batches, 1 round, 1 step
-  parser.add_argument("--scaling-child", default="", help=argparse.SUPPRESS)  # internal: JSON path
   parser.add_argument("--index-child", default="", help=argparse.SUPPRESS)  # internal: JSON path of the case
   return parser.parse_args(argv)
 
@@ -244,6 +246,12 @@ def check_targets(results: dict) -> list[dict]:
       add(f"loader (in memory, 0 workers) vs the fastest shipped step ({fastest['config']})",
           f"{loader['images_per_s']:.0f} vs {fastest['images_per_s']:.0f} images/s = {ratio:.0f}x", ">= 3x",
           ratio >= 3)
+  from siamese_jax.parallel import default_cpu_devices
+  scaling = [row for row in results.get("scaling", []) if row["strategy"] == "shard_map"]
+  default = next((row for row in scaling if row["devices"] == default_cpu_devices(row["batch"])), None)
+  if default and default["devices"] > 1:
+    add(f"the main job's step (240 images) on its default {default['devices']} CPU devices vs 1 (before the split)",
+        f"{default['vs_one_device']:.2f}x", ">= 1.3x", default["vs_one_device"] >= 1.3)
   for row in results.get("fed_step", []):
     add(f"step fed by the loader vs resident ({row['case']}, {row['workers']} workers)",
         f"{row['slowdown_pct']:+.1f} %", "within 5 %", row["slowdown_pct"] <= 5)
@@ -319,7 +327,7 @@ def rescale_to_peak(results: dict, peak_gflops: float) -> None:
 def section_train(context: Context) -> dict:
   import cases
   settings, rows = context.settings, []
-  for label, name, overrides in TRAIN_CASES:
+  for label, name, overrides in [TRAIN_CASES[index] for index in settings["train_cases"]]:
     steps = settings["koch_steps" if name == "omniglot_koch" else "conv_steps"]
     row = cases.train_step_case(label, context.config(name, **overrides), warmup=settings["warmup"],
                                 repeats=settings["repeats"], steps_per_repeat=steps,
@@ -391,41 +399,26 @@ def section_eval(context: Context) -> dict:
 
 
 def section_scaling(context: Context) -> dict:
-  import jax
-  if jax.default_backend() != "cpu":  # real devices: this process already sees them all
-    return {"scaling": run_scaling(context)}
-  # Fake CPU devices must be set before JAX starts, and would change the other cases' process; so on
-  # CPU, scaling runs in a child process of this script with 8 devices.
-  with tempfile.TemporaryDirectory() as folder:
-    out = pathlib.Path(folder) / "scaling.json"
-    args = context.args
-    command = [sys.executable, str(pathlib.Path(__file__).resolve()), "--scaling-child", str(out),
-               "--cache-dir", args.cache_dir] + (["--quick"] if args.quick else []) + \
-              (["--synthetic"] if args.synthetic else [])
-    environment = dict(os.environ, BENCHMARK_PEAK_GFLOPS=str(context.peak_gflops))
-    subprocess.run(command, check=True, env=environment)
-    return {"scaling": json.loads(out.read_text())}
-
-
-def run_scaling(context: Context) -> list[dict]:
-  """The same global batch over 1, 2, 4, 8 devices with each strategy."""
+  """The main job's global batch over 1, 2, 4, 8 devices with each strategy, timed in turns (interleaved
+  rounds). On CPU these are the XLA CPU devices this process created at its start (`main`), as a training run
+  does (parallel.request_cpu_devices); 1 device is what training used before it split the CPU."""
   import jax
   import cases
   settings, rows = context.settings, []
   counts = [n for n in SCALING_DEVICES if n <= len(jax.devices())]
-  for strategy in ("shard_map", "pmap"):
-    for n in counts:
-      config = context.config("omniglot", num_devices=n, strategy=strategy)
-      row = cases.train_step_case("omniglot (conv4, prototypical)", config, warmup=settings["warmup"],
-                                  repeats=settings["scaling_repeats"],
-                                  steps_per_repeat=settings["scaling_steps"], peak_gflops=context.peak_gflops)
-      row["config"] = "omniglot"
-      rows.append(row)
-      print(f"  scaling {strategy} x{n}: {row['items_per_s']:.0f} {row['item']}/s", flush=True)
-  for row in rows:
-    one = next(r for r in rows if r["strategy"] == row["strategy"] and r["devices"] == 1)
-    row["vs_one_device"] = row["items_per_s"] / one["items_per_s"]
-  return rows
+  for strategy in settings["scaling_strategies"]:
+    labelled = [("omniglot (conv4, prototypical)",
+                 context.config("omniglot", num_devices=n, strategy=strategy)) for n in counts]
+    measured = cases.interleaved_step_cases(labelled, warmup=settings["warmup"], rounds=settings["scaling_repeats"],
+                                            steps_per_repeat=settings["scaling_steps"],
+                                            peak_gflops=context.peak_gflops)
+    one = measured[0]
+    for row in measured:
+      row.update(config="omniglot", vs_one_device=one["step_seconds_median"] / row["step_seconds_median"])
+      print(f"  scaling {strategy} x{row['devices']}: {row['items_per_s']:.0f} {row['item']}/s "
+            f"({row['vs_one_device']:.2f}x one device)", flush=True)
+    rows += measured
+  return {"scaling": rows}
 
 
 def section_backbones(context: Context) -> dict:
@@ -546,14 +539,12 @@ def main(args) -> None:
   flags.FLAGS.mark_as_parsed()  # Grain worker processes fail until absl flags count as parsed
   suite = "quick" if args.quick else "full"
 
-  if args.scaling_child:
-    # Before any JAX call (even jax.default_backend() starts the backends); ignored off CPU.
-    jax.config.update("jax_num_cpu_devices", max(SCALING_DEVICES))
-    import cases
-    context = Context(args, SUITES[suite], None if args.synthetic else cases.find_omniglot_dir(),
-                      float(os.environ["BENCHMARK_PEAK_GFLOPS"]))
-    pathlib.Path(args.scaling_child).write_text(json.dumps(run_scaling(context)))
-    return
+  if not args.index_child:
+    # Training on CPU splits the machine into devices (siamese_jax/parallel.py); the benchmark's process does the
+    # same, before any JAX computation, with enough devices for the scaling table. Every case then runs on the
+    # count training would use for its batch (cases.load_config). Harmless on GPU/TPU hosts.
+    from siamese_jax import parallel
+    parallel.request_cpu_devices(max(SCALING_DEVICES))
 
   if args.index_child:  # one gallery index case, alone in this process
     import cases
@@ -564,7 +555,7 @@ def main(args) -> None:
 
   import common
   import cases
-  selected = set(args.only.split(",")) if args.only else set(SECTIONS)
+  selected = set(args.only.split(",") if args.only else SUITES[suite]["sections"] or SECTIONS)
   unknown = selected - set(SECTIONS)
   if unknown:
     sys.exit(f"error: --only: unknown section(s) {sorted(unknown)}; choose from {list(SECTIONS)}")

@@ -1,7 +1,7 @@
 r"""Omniglot, the fast default (the main job): 4-block conv at 28x28, prototype loss on m-per-class batches.
 
   OMNIGLOT_DIR=../shared/data/omniglot python launch.py --config=configs/omniglot.py --workdir=runs/omniglot
-Expected [results/render.py]: 19.4 min of training on 2 CPU cores; figures in docs/results.md.
+Expected [results/render.py]: 19.9 min of training on 2 CPU cores; figures in docs/results.md.
 Every other config starts from this one and changes a few fields. `:smoke` shrinks it to seconds:
   python launch.py --config=configs/omniglot.py:smoke --workdir=/tmp/smoke
 """

@@ -5,7 +5,8 @@ r"""Renders every published figure from the results files, so that each figure h
 
 Sources: `results/**/*.json`, one per shipped config (variant): what `launch.py --mode=eval` writes to
 `<workdir>/eval/results.json`, plus "config" (the config file, `:variant` where not the default), "command",
-"hardware", "training_minutes", "steps", "best_validation" and "source"; an ensemble adds "members"; other
+"hardware", "devices" (training's results.json: count, kind, strategy, processes), "training_minutes", "steps",
+"best_validation" and "source"; an ensemble adds "members"; other
 optional keys: "num_steps" and "stopped_by" (a run its time limit stopped), "training_report" (what the
 training command printed on its last state), "other_episode_seeds" ({seed: partial eval report}).
 `results/literature.json` holds published figures of other methods. Fields a file lacks are shown as "—".
@@ -154,6 +155,16 @@ def training_time(result: dict) -> str:
   if members and all(_finite(m) for m in members):
     total += " (" + " + ".join(f"{m:g}" for m in members) + ")"
   return total
+
+
+def devices_text(devices) -> str:
+  """"8 CPU devices (shard_map)": the device count the figures are bit-reproducible for (its config pins it)."""
+  if not isinstance(devices, dict) or not isinstance(devices.get("count"), int):
+    return DASH
+  count, kind = devices["count"], str(devices.get("kind", "")).upper()
+  processes = devices.get("processes", 1)
+  where = f" in {processes} processes" if isinstance(processes, int) and processes > 1 else ""
+  return f"{count} {kind} device{'s' if count != 1 else ''}{where} ({devices.get('strategy', DASH)})"
 
 
 def steps_text(result: dict) -> str:
@@ -310,6 +321,7 @@ def _section(result: dict) -> list[str]:
   lines = [f"## `{config}`", "", "Reproduce:", "", "```"] + commands(result) + ["```", ""]
   facts = [
       ("hardware", result.get("hardware") or DASH),
+      ("trained on", devices_text(result.get("devices"))),
       ("training", f"{steps_text(result)} steps, {training_time(result)}" if result.get("steps") is not None
        else training_time(result)),
       ("best validation (20-way 1-shot)", validation_text(result.get("best_validation"))),

@@ -48,7 +48,8 @@ def request_cpu_devices(count: int) -> bool:
   """
   from jax._src import xla_bridge  # noqa: PLC0415 - JAX offers no public "have the backends started?"
 
-  if (not isinstance(count, int) or count < 1 or xla_bridge.backends_are_initialized() or jax.distributed.is_initialized()
+  if (not isinstance(count, int) or count < 1 or xla_bridge.backends_are_initialized()
+      or jax.distributed.is_initialized()
       or jax.config.jax_num_cpu_devices >= 0
       or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")):
     return False

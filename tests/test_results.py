@@ -40,6 +40,24 @@ def test_every_results_file_names_an_existing_config_and_how_it_was_made():
       assert result.get(key), f"{result['_file']}: no {key!r}"
 
 
+def test_each_result_records_the_device_count_its_config_trains_on():
+  """Figures are bit-reproducible for a device count: the one each was trained on must be the one its config's
+  command trains on (a pinned parallel.num_devices, else the CPU's default split for the batch)."""
+  from siamese_jax import api, parallel
+  from siamese_jax.modes import ensemble
+
+  results = {**render.load_results(REPO), **render.load_results(REPO, validation_only=True)}
+  for name, result in results.items():
+    devices = result.get("devices")
+    assert isinstance(devices, dict) and devices.get("kind") == "cpu", f"{result['_file']}: no CPU device count"
+    config = api.get_config(name.replace("configs/", "", 1).replace(".py", "", 1))
+    configs = (list(config.members.values()) if ensemble.is_ensemble_config(config)
+               else [config])
+    for member in configs:
+      expected = member.parallel.num_devices or parallel.default_cpu_devices(member.sampling.batch_size)
+      assert devices["count"] == expected, f"{result['_file']}: ran on {devices['count']}, {name} trains on {expected}"
+
+
 def copy_checkout(tmp_path):
   for name in ("README.md", "docs", "configs", "results"):
     source = REPO / name

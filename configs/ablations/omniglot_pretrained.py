@@ -28,7 +28,7 @@ def get_config(arg: str | None = None):
   config.optim.unfreeze_after_steps = 50 if arg == "finetune" else 0
   config.sampling.batch_size = 120  # 24 classes x 5: more steps in the same minutes than the default's 240
   config.eval.batch_size = 512
-  config.train.time_limit_minutes = 19.4  # configs/omniglot.py's training time on the same machine kind
+  config.train.time_limit_minutes = 19.4  # the main job's training minutes (one device) when this ran
   config.train.num_steps = {"frozen": 2000, "finetune": 290, "smoke": 12}[arg]  # about what fits in it
   config.train.eval_every = {"frozen": 200, "finetune": 50, "smoke": 6}[arg]
   config.train.checkpoint_every = config.train.eval_every

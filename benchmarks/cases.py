@@ -57,8 +57,9 @@ def _config_module(name: str):
 def load_config(name: str, *, data_dir: pathlib.Path | None, cache_dir: str, num_devices: int | None = None,
                 strategy: str = "shard_map", **overrides: Any) -> ml_collections.ConfigDict:
   """A shipped config (configs/<name>.py) pointed at the benchmark's data, on `num_devices` devices
-  (None: what training uses by default, whatever the config pins: on CPU, `parallel.default_cpu_devices` of
-  its batch, which run.py's process has created; elsewhere every device).
+  (None: what training with it uses: the count it pins, else on CPU `parallel.default_cpu_devices` of its batch,
+  which run.py's process has created, and elsewhere every device). `overrides` apply first, so an override
+  `parallel.num_devices=0` asks for the default split where a config pins a count only for its figures.
 
   Without Omniglot the synthetic source stands in (same shapes, so the same compute), with enough
   classes for the m-per-class batches of the reference configs.
@@ -78,9 +79,10 @@ def load_config(name: str, *, data_dir: pathlib.Path | None, cache_dir: str, num
     for parent in parents:
       node = node[parent]
     node[leaf] = value
-  if num_devices is None:
-    num_devices = parallel.default_cpu_devices(config.sampling.batch_size) if jax.default_backend() == "cpu" else 0
-  config.parallel.num_devices = num_devices
+  if num_devices is not None:
+    config.parallel.num_devices = num_devices
+  elif not config.parallel.num_devices and jax.default_backend() == "cpu":
+    config.parallel.num_devices = parallel.default_cpu_devices(config.sampling.batch_size)
   return config
 
 

@@ -41,7 +41,7 @@ SCALING_DEVICES = (1, 2, 4, 8)
 SUITES = {
     "quick": dict(matmul_warmup=2, matmul_repeats=5, warmup=1, repeats=3, conv_steps=4, koch_steps=1,
                   train_cases=(0, 1, 2), loader_warmup=32, loader_seconds=0.3, loader_workers=(0,),
-                  lazy_workers=(0,), koch_loader=((True, 0),), fed_workers=(0,), fed_steps=4, fed_repeats=4,
+                  lazy_workers=(), koch_loader=((True, 0),), fed_workers=(0,), fed_steps=4, fed_repeats=4,
                   eval_repeats=2, koch_embed=False, scaling_steps=3, scaling_repeats=3,
                   scaling_strategies=("shard_map",), backbone_size=64,
                   backbone_steps=1, backbone_embed=128, index_sizes=(10_000, 100_000), index_queries=1000,
@@ -61,12 +61,14 @@ SUITES = {
 }
 
 # Train-step cases: (label, config module, overrides). The third is the conv4 target's case (128 triplets,
-# benchmarks/README.md): 128 explicit triplets (384 images) with the plain triplet loss.
+# benchmarks/README.md): 128 explicit triplets (384 images) with the plain triplet loss. Each runs on the devices
+# training with its config uses; the triplet ablation pins one device only to reproduce its figures, so its
+# cases ask for the default split, like a new run of that network.
 TRAIN_CASES = (
     ("omniglot (conv4, prototypical)", "omniglot", {}),
-    ("omniglot_triplet (conv4, triplet semi-hard)", "ablations.omniglot_triplet", {}),
+    ("omniglot_triplet (conv4, triplet semi-hard)", "ablations.omniglot_triplet", {"parallel.num_devices": 0}),
     ("conv4, 128 triplets (conv4 target)", "ablations.omniglot_triplet",
-     {"sampling.kind": "triplets", "sampling.batch_size": 128, "loss.mining": "none"}),
+     {"sampling.kind": "triplets", "sampling.batch_size": 128, "loss.mining": "none", "parallel.num_devices": 0}),
     ("omniglot_koch (Koch, 105x105)", "omniglot_koch", {}),
 )
 
@@ -76,6 +78,7 @@ TRAIN_CASES = (
 # 10-20 s a side on 2 cores: the full suite, or --only peer without --quick, times it); its embedding case
 # embeds the first peer_embed_images test images (0: all).
 PEER_VARIANTS = ("eager", "compile")
+PEER_CASE_NAMES = {"prototypical": 0, "triplets": 2, "koch": 3}  # --peer-cases: name -> index into TRAIN_CASES
 # --peer-smoke (a check that the peer works, not a measurement): small batches, one round of one step.
 PEER_SMOKE_BATCH = {"triplets": 8, "pairs": 8, "m_per_class": 20}
 
@@ -105,6 +108,9 @@ def parse_args(argv=None):
   parser.add_argument("--torch-python", default="",
                       help="a Python with torch for the PyTorch peer (default: $SIAMESE_TORCH_PYTHON, else this one)")
   parser.add_argument("--peer-rounds", type=int, default=0, help="rounds of the PyTorch peer (default: the suite's)")
+  parser.add_argument("--peer-cases", default="", help="the PyTorch peer's train steps, comma-separated from "
+                      f"{', '.join(PEER_CASE_NAMES)} (default: the suite's; the quick suite's is triplets; Koch's "
+                      "takes minutes); the embedding case always runs")
   parser.add_argument("--peer-smoke", action="store_true", help=argparse.SUPPRESS)  # small batches, 1 round, 1 step
   parser.add_argument("--index-child", default="", help=argparse.SUPPRESS)  # internal: JSON path of the case
   return parser.parse_args(argv)
@@ -233,7 +239,8 @@ def check_targets(results: dict) -> list[dict]:
     add("conv4 28x28, 128 triplets: % of matmul peak", f"{triplets['pct_of_peak']:.1f} % "
         f"({triplets['items_per_s']:.0f} triplets/s)", ">= 25 %",
         triplets["pct_of_peak"] >= 25)
-  shipped = [row for label, _, overrides in TRAIN_CASES if not overrides and (row := steps.get(label))]
+  shipped = [row for label, _, overrides in TRAIN_CASES
+             if not set(overrides) - {"parallel.num_devices"} and (row := steps.get(label))]
   if shipped:
     # The fastest shipped config consumes the most images per second; the default loader (decoded in
     # memory, no worker processes) for the same batches must deliver 3x that.
@@ -500,7 +507,12 @@ def section_peer(context: Context) -> dict:
   peer = cases.TorchPeer(python, common.cpu_count())
   rows = []
   try:
-    for index, variants in settings["peer_cases"]:
+    cases_run = settings["peer_cases"]
+    if args.peer_cases:
+      # Koch's compiled variant is the full suite's only (its compilation and steps take minutes).
+      cases_run = [(PEER_CASE_NAMES[name], ("eager",) if name == "koch" and args.quick else PEER_VARIANTS)
+                   for name in args.peer_cases.split(",")]
+    for index, variants in cases_run:
       label, name, overrides = TRAIN_CASES[index]
       config = context.config(name, **overrides)
       koch = name == "omniglot_koch"
@@ -559,6 +571,9 @@ def main(args) -> None:
   unknown = selected - set(SECTIONS)
   if unknown:
     sys.exit(f"error: --only: unknown section(s) {sorted(unknown)}; choose from {list(SECTIONS)}")
+  unknown_peer = set(args.peer_cases.split(",")) - set(PEER_CASE_NAMES) if args.peer_cases else set()
+  if unknown_peer:
+    sys.exit(f"error: --peer-cases: unknown {sorted(unknown_peer)}; choose from {list(PEER_CASE_NAMES)}")
   selected.add("peak")  # every pct_of_peak of this run divides by the peak measured in it
   context = Context(args, SUITES[suite], None if args.synthetic else cases.find_omniglot_dir())
   machine = common.machine_info()

@@ -17,6 +17,9 @@ def get_config(arg: str | None = None):
   config.data.num_validation_alphabets = 5
   config.sampling.kind = "pairs"
   config.sampling.batch_size = 128
+  # On CPU its large convolutions keep both cores busy on one device: 2 devices measured 1.04x one device and 8
+  # (the default split) 0.90x, in turns on the 2-core AMD EPYC (docs/ablations.md, "Every core").
+  config.parallel.num_devices = 2
   config.sampling.same_group_negative_probability = 0.5  # pairs balanced within alphabets, like the paper
   config.augment.translate_px = 2.0
   config.model = models.default_config("koch")  # 4096-d sigmoid features, weighted-L1 head

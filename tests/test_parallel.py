@@ -260,10 +260,11 @@ print(built.parallel.num_devices, len(jax.devices()))
 
 @pytest.mark.parametrize("overrides, env, expected", [
     ([], {}, "8 8"),  # the smoke batch of 40 splits 8 ways
-    (["sampling.batch_size=18", "sampling.m_per_class=3"], {}, "6 6"),  # the largest divisor up to 8
+    pytest.param(["sampling.batch_size=18", "sampling.m_per_class=3"], {}, "6 6",  # the largest divisor up to 8
+                 marks=pytest.mark.slow),  # (default_cpu_devices' own test covers the rule in CI)
     (["parallel.num_devices=1"], {}, "1 1"),  # a config pinned to the device count its figures ran with
     (["parallel.num_devices=2"], {"JAX_NUM_CPU_DEVICES": "4"}, "2 4"),  # the user's device count is kept
-    ([], {"JAX_NUM_CPU_DEVICES": "4"}, "4 4"),
+    pytest.param([], {"JAX_NUM_CPU_DEVICES": "4"}, "4 4", marks=pytest.mark.slow),
 ])
 def test_a_fresh_training_process_splits_the_cpu(overrides, env, expected):
   """conftest gives this process 4 devices already; a fresh one shows the default (a child process)."""

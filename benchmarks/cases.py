@@ -650,8 +650,9 @@ def peer_train_case(label: str, config: ml_collections.ConfigDict, peer: TorchPe
 
 def peer_embed_case(label: str, config: ml_collections.ConfigDict, peer: TorchPeer, *,
                     variants: tuple[str, ...], rounds: int, repeats: int, max_images: int) -> dict[str, Any]:
-  """Evaluation's embedding of the test images (as `evaluation_cases`) against PyTorch inference of the same
-  network in eval mode, batch for batch (config.eval.batch_size, the last one padded)."""
+  """Evaluation's embedding of the test images (as `evaluation_cases`; for a pretrained backbone, as
+  `backbone_cases`) against PyTorch inference of the same network in eval mode, batch for batch
+  (config.eval.batch_size, the last one padded)."""
   built = training.setup(config)
   embed_fn = models.make_embed_fn(built.graphdef)
   variables = training.variables_of(jax.device_put(built.state))

@@ -47,7 +47,8 @@ SUITES = {
                   backbone_steps=1, backbone_embed=128, index_sizes=(10_000, 100_000), index_queries=1000,
                   index_queries_1m_exact=200, index_repeats=2, peer_cases=((2, ("eager", "compile")),),
                   peer_rounds=3, peer_repeats=1, peer_conv_steps=3, peer_koch_steps=1, peer_koch_rounds=2,
-                  peer_embed_images=2048, sections=("peak", "train", "loader", "fed", "eval", "scaling", "peer")),
+                  peer_embed_images=2048, peer_backbones=(), peer_backbone_images=128,
+                  sections=("peak", "train", "loader", "fed", "eval", "scaling", "peer")),
     "full": dict(matmul_warmup=3, matmul_repeats=10, warmup=2, repeats=7, conv_steps=20, koch_steps=2,
                  train_cases=(0, 1, 2, 3), loader_warmup=64, loader_seconds=1.5, loader_workers=(0, 1, 2),
                  lazy_workers=(0, 1, 2), koch_loader=tuple((m, w) for m in (True, False) for w in (0, 1, 2)),
@@ -57,7 +58,8 @@ SUITES = {
                  index_queries_1m_exact=1000, index_repeats=3,
                  peer_cases=((2, ("eager", "compile")), (0, ("eager", "compile")), (3, ("eager", "compile"))),
                  peer_rounds=5, peer_repeats=2, peer_conv_steps=10, peer_koch_steps=1, peer_koch_rounds=3,
-                 peer_embed_images=0, sections=None),
+                 peer_embed_images=0, peer_backbones=("resnet18", "resnet50"), peer_backbone_images=128,
+                 sections=None),
 }
 
 # Train-step cases: (label, config module, overrides). The third is the conv4 target's case (128 triplets,
@@ -76,9 +78,12 @@ TRAIN_CASES = (
 # The PyTorch peer (benchmarks/torch_peer.py): each suite's peer_cases are (index into TRAIN_CASES, the
 # PyTorch variants timed against it). The quick suite times the conv4 target's step only (Koch's step takes
 # 10-20 s a side on 2 cores: the full suite, or --only peer without --quick, times it); its embedding case
-# embeds the first peer_embed_images test images (0: all).
+# embeds the first peer_embed_images test images (0: all). peer_backbones are the pretrained backbones whose
+# embedding is timed against torchvision's network (the full suite's; --peer-cases names them in the quick one).
 PEER_VARIANTS = ("eager", "compile")
 PEER_CASE_NAMES = {"prototypical": 0, "triplets": 2, "koch": 3}  # --peer-cases: name -> index into TRAIN_CASES
+PEER_BACKBONE_CASES = {"resnet18_embed": "resnet18", "resnet50_embed": "resnet50"}  # --peer-cases: name -> backbone
+PEER_BACKBONE_SIZE = 64  # pixels: the quick `backbones` section's images
 # --peer-smoke (a check that the peer works, not a measurement): small batches, one round of one step.
 PEER_SMOKE_BATCH = {"triplets": 8, "pairs": 8, "m_per_class": 20}
 
@@ -108,9 +113,10 @@ def parse_args(argv=None):
   parser.add_argument("--torch-python", default="",
                       help="a Python with torch for the PyTorch peer (default: $SIAMESE_TORCH_PYTHON, else this one)")
   parser.add_argument("--peer-rounds", type=int, default=0, help="rounds of the PyTorch peer (default: the suite's)")
-  parser.add_argument("--peer-cases", default="", help="the PyTorch peer's train steps, comma-separated from "
-                      f"{', '.join(PEER_CASE_NAMES)} (default: the suite's; the quick suite's is triplets; Koch's "
-                      "takes minutes); the embedding case always runs")
+  parser.add_argument("--peer-cases", default="", help="the PyTorch peer's train steps and backbone embeddings, "
+                      f"comma-separated from {', '.join([*PEER_CASE_NAMES, *PEER_BACKBONE_CASES])} (default: the "
+                      "suite's; the quick suite's is triplets; Koch's takes minutes; the backbones need torchvision); "
+                      "the conv4 embedding case always runs")
   parser.add_argument("--peer-smoke", action="store_true", help=argparse.SUPPRESS)  # small batches, 1 round, 1 step
   parser.add_argument("--index-child", default="", help=argparse.SUPPRESS)  # internal: JSON path of the case
   return parser.parse_args(argv)
@@ -274,7 +280,7 @@ def check_targets(results: dict) -> list[dict]:
         ">= 1.2x", koch["ratio_eager_median"] >= 1.2)
   for row in results.get("peer", []):
     ratios = [(row[f"ratio_{v}_median"], v) for v in PEER_VARIANTS if f"ratio_{v}_median" in row]
-    if row["kind"] == "embedding" and ratios:
+    if row["kind"] == "embedding" and row["model"] == "conv4" and ratios:
       ratio, variant = min(ratios)  # against the faster PyTorch variant
       add(f"{row['case']}: JAX / PyTorch inference ({variant}, the faster)", ratio_text(row, variant), ">= 2x",
           ratio >= 2)
@@ -433,13 +439,8 @@ def section_backbones(context: Context) -> dict:
   (synthetic data of configs/folder_pretrained.py's shape; the weights do not change the speed)."""
   import cases
   settings, rows = context.settings, []
-  size = settings["backbone_size"]
   for name in BACKBONES:
-    config = cases.load_config("folder_pretrained", data_dir=None, cache_dir=context.args.cache_dir,
-                               **{"model.name": name, "model.pretrained": "", "data.image_size": size,
-                                  "data.channels": 3, "data.synthetic_classes": 40, "sampling.batch_size": 32,
-                                  "eval.batch_size": 64})
-    config.model = _backbone_model(config.model)
+    config = backbone_config(context, name, settings["backbone_size"])
     for row in cases.backbone_cases(name, config, warmup=settings["warmup"], repeats=settings["repeats"],
                                     steps=settings["backbone_steps"], embed_images=settings["backbone_embed"],
                                     peak_gflops=context.peak_gflops):
@@ -447,6 +448,18 @@ def section_backbones(context: Context) -> dict:
       print(f"  {row['case']}: {row['images_per_s']:.1f} images/s, {row.get('pct_of_peak', 0):.1f} % of peak",
             flush=True)
   return {"backbones": rows}
+
+
+def backbone_config(context: Context, name: str, size: int):
+  """configs/folder_pretrained.py with backbone `name` on synthetic RGB images of `size` pixels, random weights
+  (the speed does not depend on them), nothing frozen: the `backbones` section's config and the peer's."""
+  import cases
+  config = cases.load_config("folder_pretrained", data_dir=None, cache_dir=context.args.cache_dir,
+                             **{"model.name": name, "model.pretrained": "", "data.image_size": size,
+                                "data.channels": 3, "data.synthetic_classes": 40, "sampling.batch_size": 32,
+                                "eval.batch_size": 64})
+  config.model = _backbone_model(config.model)
+  return config
 
 
 def _backbone_model(model_config):
@@ -491,9 +504,9 @@ def section_index(context: Context) -> dict:
 
 
 def section_peer(context: Context) -> dict:
-  """The suite's train-step cases and evaluation's conv4 embedding, each against the same work in PyTorch
-  (benchmarks/torch_peer.py in a child process), timed in turns over rounds; skipped with a note where no
-  Python with torch is found."""
+  """The suite's train-step cases, evaluation's conv4 embedding and the suite's backbone embeddings (64x64 RGB,
+  as the `backbones` section's config), each against the same work in PyTorch (benchmarks/torch_peer.py in a
+  child process), timed in turns over rounds; skipped with a note where no Python with torch is found."""
   import cases
   import common
   args, settings = context.args, context.settings
@@ -507,11 +520,13 @@ def section_peer(context: Context) -> dict:
   peer = cases.TorchPeer(python, common.cpu_count())
   rows = []
   try:
-    cases_run = settings["peer_cases"]
+    cases_run, backbones = settings["peer_cases"], settings["peer_backbones"]
     if args.peer_cases:
+      named = args.peer_cases.split(",")
       # Koch's compiled variant is the full suite's only (its compilation and steps take minutes).
       cases_run = [(PEER_CASE_NAMES[name], ("eager",) if name == "koch" and args.quick else PEER_VARIANTS)
-                   for name in args.peer_cases.split(",")]
+                   for name in named if name in PEER_CASE_NAMES]
+      backbones = [PEER_BACKBONE_CASES[name] for name in named if name in PEER_BACKBONE_CASES]
     for index, variants in cases_run:
       label, name, overrides = TRAIN_CASES[index]
       config = context.config(name, **overrides)
@@ -527,6 +542,12 @@ def section_peer(context: Context) -> dict:
     rows.append(cases.peer_embed_case("omniglot conv4: embed test images", context.config("omniglot"), peer,
                                       variants=PEER_VARIANTS, rounds=rounds, repeats=repeats, max_images=images))
     print_peer_row(rows[-1])
+    for name in backbones:
+      config = backbone_config(context, name, PEER_BACKBONE_SIZE)
+      rows.append(cases.peer_embed_case(f"{name} {PEER_BACKBONE_SIZE}px: embed synthetic RGB images", config, peer,
+                                        variants=PEER_VARIANTS, rounds=rounds, repeats=repeats,
+                                        max_images=64 if smoke else settings["peer_backbone_images"]))
+      print_peer_row(rows[-1])
   finally:
     peer.close()
   return {"peer": rows, "peer_torch": peer.hello}
@@ -571,9 +592,10 @@ def main(args) -> None:
   unknown = selected - set(SECTIONS)
   if unknown:
     sys.exit(f"error: --only: unknown section(s) {sorted(unknown)}; choose from {list(SECTIONS)}")
-  unknown_peer = set(args.peer_cases.split(",")) - set(PEER_CASE_NAMES) if args.peer_cases else set()
+  peer_names = [*PEER_CASE_NAMES, *PEER_BACKBONE_CASES]
+  unknown_peer = set(args.peer_cases.split(",")) - set(peer_names) if args.peer_cases else set()
   if unknown_peer:
-    sys.exit(f"error: --peer-cases: unknown {sorted(unknown_peer)}; choose from {list(PEER_CASE_NAMES)}")
+    sys.exit(f"error: --peer-cases: unknown {sorted(unknown_peer)}; choose from {peer_names}")
   selected.add("peak")  # every pct_of_peak of this run divides by the peak measured in it
   context = Context(args, SUITES[suite], None if args.synthetic else cases.find_omniglot_dir())
   machine = common.machine_info()

@@ -3,7 +3,8 @@ and optimizers in PyTorch, eager and `torch.compile`, so that benchmarks/run.py 
 ratios measured in the same run.
 
 torch is not a dependency of the project: this file runs in a Python environment of its own that has
-torch and numpy (benchmarks/README.md says how to make one), and imports nothing from siamese_jax. Two uses:
+torch and numpy, and torchvision (the release that matches torch) for the backbones (benchmarks/README.md says
+how to make one); it imports nothing from siamese_jax. Two uses:
 
   /work/torchvenv/bin/python benchmarks/torch_peer.py --check   # the networks' parameter counts, one step each
   python benchmarks/run.py --quick --torch-python /work/torchvenv/bin/python   # the `peer` section
@@ -21,8 +22,8 @@ and the two sides take turns, case by case and round by round:
 SPEC is the JAX case's config as plain dicts (`cases.peer_spec`): "kind" ("train" or "embed"), "model",
 "loss", "optim", "augment", "sampling", "image_size" [h, w], "channels", "num_steps", "steps_per_epoch",
 "seed", "device" ("cpu", or "cuda" where JAX runs on a GPU), and for "embed" "images" and "batch_size". What the peer cannot reproduce exactly (another model
-or loss, mining other than "none", dropout, photo augmentation, rmsprop, NAdam) is refused with an error,
-never approximated.
+or loss, mining other than "none", dropout, photo augmentation, rmsprop, NAdam, a backbone's train step, Keras'
+ResNet layout, a backbone without torchvision installed) is refused with an error, never approximated.
 
 What is built, layer by layer as siamese_jax/models.py (NCHW here, NHWC there: same shapes, same FLOPs):
   conv4  4 x [conv 3x3 same (bias), BatchNorm (eps 1e-5, momentum 1 - model.batch_norm_momentum), ReLU,
@@ -30,6 +31,11 @@ What is built, layer by layer as siamese_jax/models.py (NCHW here, NHWC there: s
          the weighted-L1 pair head (one linear unit on |e1 - e2|) with model.pair_head.
   koch   convs 64@10, 128@7, 128@4, 256@4 (valid, ReLU; max-pool 2 after the first three), flattened,
          linear to embedding_dim with a sigmoid, and the pair head.
+  resnet18, resnet50   models.Pretrained (embedding only): the backbone's preprocessing inside the network
+         (ImageNet mean / std for torchvision's layout), torchvision.models.resnetXX(weights=None) with its fc
+         dropped (the same network as siamese_jax/backbones/resnet.py's "torch" layout: no conv biases,
+         BatchNorm eps 1e-5, stride in the bottleneck's 3x3), global average (or max) pooling, a linear layer
+         to embedding_dim when > 0, L2 normalisation when asked; grayscale input repeated to RGB.
 The train step times what the JAX step does on a resident uint8 batch: to float, Koch et al.'s random
 affine distortion (`augment.kind="affine"`: affine_grid + bilinear grid_sample, zero fill), forward, loss,
 backward, optimizer update and learning-rate schedule. With `torch.compile` the distortion, forward and
@@ -51,10 +57,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# The shipped networks' parameter counts in siamese_jax (benchmarks/results/cpu-2core.json, "parameters"),
-# which `--check` compares against; run.py compares every case against the live JAX model instead.
+# The shipped networks' parameter counts in siamese_jax (benchmarks/results/cpu-2core.json and
+# cpu-2core-backbone-peer.json, "parameters" / "parameters_jax"), which `--check` compares against; run.py
+# compares every case against the live JAX model instead.
 JAX_PARAMETERS = {"conv4 (omniglot)": 111_936, "conv4, 128-d L2 head (omniglot_triplet)": 120_256,
-                  "koch (omniglot_koch)": 38_951_745}
+                  "koch (omniglot_koch)": 38_951_745,
+                  "resnet18, 128-d L2 head (folder_pretrained)": 11_242_176,
+                  "resnet50, 128-d L2 head (folder_pretrained)": 23_770_304}
+
+# The pretrained backbones the peer builds (torchvision's; embedding cases only), and each preprocessing of
+# siamese_jax/backbones/base.py as (mean, std) on [0, 1] RGB, (x - mean) / std; caffe first reverses the
+# channels to BGR (its x * 255 - mean is (x - mean / 255) / (1 / 255)).
+BACKBONES = ("resnet18", "resnet50")
+PREPROCESSING = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+                 "caffe": ((103.939 / 255, 116.779 / 255, 123.68 / 255), (1 / 255, 1 / 255, 1 / 255)),
+                 "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
 
 # Rows per element of a batch, by sampling kind (siamese_jax/losses.py BATCH_K).
 BATCH_K = {"pairs": 2, "triplets": 3, "m_per_class": 1}
@@ -125,17 +142,70 @@ class KochNet(nn.Module):
     return _finish(torch.sigmoid(self.dense(self.features(images))), self.l2_normalize)
 
 
+class Backbone(nn.Module):
+  """models.Pretrained on a torchvision ResNet (random weights): the backbone's preprocessing, torchvision's
+  network up to its global pooling (its `fc` dropped), a linear layer to embedding_dim when > 0, L2
+  normalisation when asked, the pair head with model.pair_head. Grayscale input is repeated to RGB."""
+
+  def __init__(self, model: dict, image_size: tuple[int, int], channels: int):
+    super().__init__()
+    name = model["name"]
+    layout = model.get("weights_layout", "torch")
+    _require(layout == "torch", f"model.weights_layout={layout!r} with {name} (the peer has torchvision's layout)")
+    _require(model.get("pooling", "avg") in ("avg", "max"), f"model.pooling={model.get('pooling')!r}")
+    preprocessing = model.get("preprocessing", "auto")
+    self.preprocessing = "imagenet" if preprocessing == "auto" else preprocessing  # torch layout: ImageNet's
+    _require(self.preprocessing in PREPROCESSING, f"model.preprocessing={preprocessing!r}")
+    network = getattr(torchvision_models(name), name)(weights=None)
+    features = network.fc.in_features
+    network.fc = nn.Identity()  # models.Pretrained builds the backbone with num_classes=0
+    if model.get("pooling", "avg") == "max":
+      network.avgpool = nn.AdaptiveMaxPool2d(1)
+    for module in network.modules():
+      if isinstance(module, nn.BatchNorm2d):
+        module.momentum = 1.0 - model["batch_norm_momentum"]
+    self.backbone = network
+    self.gray = channels == 1
+    self.projection = nn.Linear(features, model["embedding_dim"]) if model["embedding_dim"] > 0 else None
+    self.l2_normalize = bool(model["l2_normalize"])
+    self.head = nn.Linear(model["embedding_dim"] or features, 1) if model.get("pair_head") else None
+    mean, std = PREPROCESSING[self.preprocessing]
+    self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+    self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+  def forward(self, images: torch.Tensor) -> torch.Tensor:
+    x = images.repeat(1, 3, 1, 1) if self.gray else images
+    if self.preprocessing == "caffe":
+      x = x.flip(1)  # RGB -> BGR
+    x = self.backbone((x - self.mean) / self.std)
+    if self.projection is not None:
+      x = self.projection(x)
+    return _finish(x, self.l2_normalize)
+
+
+def torchvision_models(name: str):
+  """torchvision.models, imported only for a backbone (conv4 and Koch need no torchvision)."""
+  try:
+    import torchvision.models
+  except ImportError as error:
+    raise Unsupported(f"model.name={name!r} needs torchvision in the peer's Python (pip install torchvision, the "
+                      f"release that matches torch {torch.__version__}): {error}") from None
+  return torchvision.models
+
+
 def _finish(embeddings: torch.Tensor, l2_normalize: bool) -> torch.Tensor:
   # layers.l2_normalize: x * rsqrt(max(|x|^2, 1e-12)), i.e. F.normalize with eps 1e-6 on the norm.
   return F.normalize(embeddings, dim=-1, eps=1e-6) if l2_normalize else embeddings
 
 
+NETWORKS = {"conv4": Conv4, "koch": KochNet, **{name: Backbone for name in BACKBONES}}
+
+
 def build_model(spec: dict) -> nn.Module:
   model = spec["model"]
-  _require(model["name"] in ("conv4", "koch"), f"model.name={model['name']!r} (the peer has conv4 and koch)")
+  _require(model["name"] in NETWORKS, f"model.name={model['name']!r} (the peer has {', '.join(NETWORKS)})")
   _require(not model.get("dropout"), f"model.dropout={model.get('dropout')}")
-  network = {"conv4": Conv4, "koch": KochNet}[model["name"]]
-  return network(model, tuple(spec["image_size"]), spec["channels"])
+  return NETWORKS[model["name"]](model, tuple(spec["image_size"]), spec["channels"])
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -355,6 +425,10 @@ class TrainCase:
   """One model, optimizer and resident batch per variant ("eager", "compile"), all from the same seed."""
 
   def __init__(self, spec: dict):
+    # A backbone's JAX step gives the pretrained stages their own learning rate and warm-up (optim.backbone_*)
+    # and may freeze some: the peer times the backbones' embedding only.
+    _require(spec["model"]["name"] not in BACKBONES, f"the train step of model.name={spec['model']['name']!r} "
+             "(the peer has the backbones' embedding only)")
     self.spec = spec
     self.device = device_of(spec)
     self.loss = build_loss(spec)
@@ -506,7 +580,8 @@ def serve(threads: int) -> None:
 
 def check(threads: int) -> None:
   """Builds the shipped networks, prints their parameter counts beside siamese_jax's, and takes one eager
-  train step on a small batch of each case: a check of this environment, not a measurement."""
+  train step on a small batch of each case (for the backbones, one eval-mode embedding; without torchvision
+  they are skipped with a line saying so): a check of this environment, not a measurement."""
   if threads > 0:
     torch.set_num_threads(threads)
   print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -539,6 +614,24 @@ def check(threads: int) -> None:
     verdict = "equal" if torch_count == jax_count else "DIFFERENT"
     print(f"{label}: parameters torch {torch_count:,}, siamese_jax {jax_count:,} ({verdict}); one eager step "
           f"of {sampling['batch_size']} {sampling['kind']}: loss {loss_value:.4f}, {time.perf_counter() - start:.2f} s")
+  for name in BACKBONES:  # run.py's backbone peer cases: folder_pretrained's head, 64x64 RGB, random weights
+    label = f"{name}, 128-d L2 head (folder_pretrained)"
+    model = {"name": name, "weights_layout": "torch", "preprocessing": "auto", "pooling": "avg", "embedding_dim": 128,
+             "l2_normalize": True, "batch_norm_momentum": 0.9, "pair_head": False, "dropout": 0.0}
+    spec = {"kind": "embed", "model": model, "image_size": [64, 64], "channels": 3, "images": 8, "batch_size": 8,
+            "seed": 0}
+    try:
+      case = EmbedCase(spec)
+      case.add("eager")
+    except Unsupported as error:
+      print(f"{label}: skipped: {error}")
+      continue
+    start = time.perf_counter()
+    case.run("eager", 1)
+    torch_count, jax_count = case.parameters(), JAX_PARAMETERS[label]
+    verdict = "equal" if torch_count == jax_count else "DIFFERENT"
+    print(f"{label}: parameters torch {torch_count:,}, siamese_jax {jax_count:,} ({verdict}); one eval-mode "
+          f"embedding of 8 images: {time.perf_counter() - start:.2f} s")
 
 
 def main(argv=None) -> None:

@@ -36,6 +36,19 @@ def omniglot_dir() -> pathlib.Path:
   return path
 
 
+def checkpoint_arrays(state_dir: pathlib.Path) -> dict:
+  """A checkpoint's `state` item as numpy arrays, whatever devices saved it: a run launched in a subprocess
+  splits the CPU into its own device count (parallel.py), which Orbax's default restore would need here too."""
+  import numpy as np
+  import orbax.checkpoint as ocp
+
+  state_dir = pathlib.Path(state_dir).absolute()
+  checkpointer = ocp.PyTreeCheckpointer()
+  tree = checkpointer.metadata(state_dir).item_metadata.tree
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+
+
 def kill_at_checkpoint(command: list[str], checkpoint: pathlib.Path, env: dict, timeout: float = 300) -> None:
   """Starts `command` (a training run) and kills it with SIGKILL as soon as `checkpoint` is complete:
   Orbax renames its temporary directory to the step number only when the save has finished."""

@@ -14,11 +14,10 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from conftest import kill_at_checkpoint
+from conftest import checkpoint_arrays, kill_at_checkpoint
 from siamese_jax import models
 from siamese_jax.errors import UserError
 
@@ -65,7 +64,7 @@ def environment():
 
 
 def final_params(workdir: pathlib.Path):
-  return ocp.StandardCheckpointer().restore((workdir / "checkpoints" / str(NUM_STEPS) / "state").absolute())["params"]
+  return checkpoint_arrays(workdir / "checkpoints" / str(NUM_STEPS) / "state")["params"]
 
 
 @pytest.mark.slow  # three fine-tuning runs (~2.5 min): the CI's end-to-end runs are Omniglot's (test_train.py)

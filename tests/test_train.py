@@ -20,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import kill_at_checkpoint
+from conftest import checkpoint_arrays, kill_at_checkpoint
 from siamese_jax import training
 from siamese_jax.errors import UserError
 from siamese_jax.training import LoopState, collapse_warning
@@ -45,8 +45,7 @@ def environment(omniglot_dir):
 
 
 def final_params(workdir: pathlib.Path, step: int):
-  restored = ocp.StandardCheckpointer().restore((workdir / "checkpoints" / str(step) / "state").absolute())
-  return restored["params"]
+  return checkpoint_arrays(workdir / "checkpoints" / str(step) / "state")["params"]
 
 
 @pytest.fixture(scope="module")

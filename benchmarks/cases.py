@@ -136,13 +136,9 @@ class CompiledStep:
 # Train step
 
 
-def train_step_case(label: str, config: ml_collections.ConfigDict, *, warmup: int, repeats: int,
-                    steps_per_repeat: int, peak_gflops: float) -> dict[str, Any]:
-  """Steps/s, items/s, FLOP/s and % of the matmul peak of one config's step on a resident batch."""
-  built = training.setup(config)
-  step = CompiledStep(built, config)
-  timing = common.time_repeated(lambda: step.run(steps_per_repeat), warmup=warmup, repeats=repeats,
-                                units_per_call=steps_per_repeat)
+def step_row(label: str, config: ml_collections.ConfigDict, built: training.Setup, step: "CompiledStep",
+             timing: common.Timing, peak_gflops: float) -> dict[str, Any]:
+  """The JSON row of one timed train step: what it is, steps/s, items/s, FLOP/s, % of peak, memory."""
   batch_size = config.sampling.batch_size
   result = {
       "case": label,
@@ -173,6 +169,17 @@ def train_step_case(label: str, config: ml_collections.ConfigDict, *, warmup: in
   device_peak = common.device_peak_bytes()
   if device_peak is not None:
     result["device_peak_bytes"] = device_peak
+  return result
+
+
+def train_step_case(label: str, config: ml_collections.ConfigDict, *, warmup: int, repeats: int,
+                    steps_per_repeat: int, peak_gflops: float) -> dict[str, Any]:
+  """Steps/s, items/s, FLOP/s and % of the matmul peak of one config's step on a resident batch."""
+  built = training.setup(config)
+  step = CompiledStep(built, config)
+  timing = common.time_repeated(lambda: step.run(steps_per_repeat), warmup=warmup, repeats=repeats,
+                                units_per_call=steps_per_repeat)
+  result = step_row(label, config, built, step, timing, peak_gflops)
   del step, built
   gc.collect()
   return result
@@ -182,7 +189,7 @@ def interleaved_step_cases(labelled_configs: list[tuple[str, ml_collections.Conf
                            rounds: int, steps_per_repeat: int, peak_gflops: float) -> list[dict[str, Any]]:
   """Several configs' steps (e.g. one config over 1, 2, 4, 8 devices) compiled side by side, then timed in
   turns: each round times every step once, in an order that reverses from one round to the next, so that the
-  host's drift (it moves by 15 % from run to run) hits every case alike. One row each, as `train_step_case`."""
+  host's drift (it moves by 15 % from run to run) hits every case alike. One `step_row` each."""
   steps = []
   for label, config in labelled_configs:
     built = training.setup(config)
@@ -197,20 +204,8 @@ def interleaved_step_cases(labelled_configs: list[tuple[str, ml_collections.Conf
       start = time.perf_counter()
       jax.block_until_ready(steps[index][3].run(steps_per_repeat))
       seconds[index].append((time.perf_counter() - start) / steps_per_repeat)
-  rows = []
-  for (label, config, built, step), times in zip(steps, seconds):
-    timing = common.Timing(times)
-    batch_size = config.sampling.batch_size
-    row = {"case": label, "model": config.model.name, "batch": batch_size, "item": ITEM_NAMES[config.sampling.kind],
-           "images_per_step": batch_size * built.sampler.k, "strategy": built.parallel.strategy,
-           "devices": built.parallel.num_devices, **timing.as_dict("step_seconds"),
-           "steps_per_s": 1.0 / timing.median, "items_per_s": batch_size / timing.median,
-           "images_per_s": batch_size * built.sampler.k / timing.median, "compile_seconds": step.compile_seconds,
-           **step.memory}
-    if step.flops is not None:
-      row["gflops_per_s"] = step.flops / timing.median / 1e9
-      row["pct_of_peak"] = 100.0 * row["gflops_per_s"] / peak_gflops
-    rows.append(row)
+  rows = [step_row(label, config, built, step, common.Timing(times), peak_gflops)
+          for (label, config, built, step), times in zip(steps, seconds)]
   del steps
   gc.collect()
   return rows

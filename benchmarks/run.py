@@ -263,7 +263,8 @@ def check_targets(results: dict) -> list[dict]:
   scaling = [row for row in results.get("scaling", []) if row["strategy"] == "shard_map"]
   default = next((row for row in scaling if row["devices"] == default_cpu_devices(row["batch"])), None)
   if default and default["devices"] > 1:
-    add(f"the main job's step (240 images) on its default {default['devices']} CPU devices vs 1 (before the split)",
+    add(f"the main job's step ({default['batch']} images) on its default {default['devices']} CPU devices vs 1 "
+        "(before the split)",
         f"{default['vs_one_device']:.2f}x", ">= 1.3x", default["vs_one_device"] >= 1.3)
   for row in results.get("fed_step", []):
     add(f"step fed by the loader vs resident ({row['case']}, {row['workers']} workers)",
@@ -567,17 +568,9 @@ SECTIONS = {"peak": section_peak, "train": section_train, "loader": section_load
 
 def main(args) -> None:
   started = time.perf_counter()
-  import jax
   from absl import flags
   flags.FLAGS.mark_as_parsed()  # Grain worker processes fail until absl flags count as parsed
   suite = "quick" if args.quick else "full"
-
-  if not args.index_child:
-    # Training on CPU splits the machine into devices (siamese_jax/parallel.py); the benchmark's process does the
-    # same, before any JAX computation, with enough devices for the scaling table. Every case then runs on the
-    # count training would use for its batch (cases.load_config). Harmless on GPU/TPU hosts.
-    from siamese_jax import parallel
-    parallel.request_cpu_devices(max(SCALING_DEVICES))
 
   if args.index_child:  # one gallery index case, alone in this process
     import cases
@@ -586,6 +579,11 @@ def main(args) -> None:
     spec_path.with_suffix(".out.json").write_text(json.dumps(rows))
     return
 
+  # Training on CPU splits the machine into devices (siamese_jax/parallel.py); the benchmark's process does the
+  # same, before any JAX computation, with enough devices for the scaling table. Every case then runs on the
+  # count training would use for its batch (cases.load_config). Harmless on GPU/TPU hosts.
+  from siamese_jax import parallel
+  parallel.request_cpu_devices(max(SCALING_DEVICES))
   import common
   import cases
   selected = set(args.only.split(",") if args.only else SUITES[suite]["sections"] or SECTIONS)
